@@ -544,6 +544,21 @@ def stop_if_not_finite(loss, step, checkpoint_path):
         fail(f"loss is {loss} at step {step}; stopped without saving ({kept}); try a lower --lr")
 
 
+def rng_state(device):
+    """The generators that draw the batches' augmentations: a run stopped inside an epoch
+    (--max-steps) resumes with the draws the uninterrupted run would have made."""
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def format_seconds(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
@@ -577,12 +592,14 @@ def main(argv=None):
     lr = args.lr * args.batch_size / 256
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    history, start_epoch, step = [], 0, 0
+    history, step = [], 0
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        history, start_epoch, step = checkpoint["history"], checkpoint["epoch"], checkpoint["step"]
-        print(f"resumed {args.resume} at epoch {start_epoch}, step {step}")
+        history, step = checkpoint["history"], checkpoint["step"]
+        print(f"resumed {args.resume} at step {step}")
+    start_epoch = step // steps_per_epoch
+    history = [row for row in history if row["epoch"] <= start_epoch]  # an unfinished epoch is redone
     train_model = torch.compile(model) if args.compile else model
 
     arch = dict(backbone="resnet18_cifar", backbone_kwargs={}, feature_dim=512, backbone_prefix="backbone.",
@@ -603,10 +620,14 @@ def main(argv=None):
         # uninterrupted run would have drawn.
         torch.manual_seed(args.seed * 100_003 + epoch)
         order = torch.randperm(len(data["train_x"]), device=device)
+        batches = order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)
+        if step > epoch * steps_per_epoch:  # resumed inside this epoch: skip its done batches
+            batches = batches[step - epoch * steps_per_epoch:]
+            set_rng_state(checkpoint["rng"], device)
         loss_sum = torch.zeros((), device=device)
         collapse_sum = torch.zeros((), device=device)
         epoch_start, epoch_first_step = time.time(), step
-        for index in order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
+        for index in batches:
             lr_now = cosine_schedule(step, total_steps, lr, 0.0, int(args.warmup_epochs * steps_per_epoch))
             for group in optimizer.param_groups:
                 group["lr"] = lr_now
@@ -636,6 +657,7 @@ def main(argv=None):
             if step == last_step:
                 break
 
+        rng = rng_state(device)
         epoch_time = time.time() - epoch_start
         row = dict(epoch=epoch + 1, step=step, loss=loss_sum.item() / done, collapse=collapse_sum.item() / done,
                    lr=lr_now, ema_momentum=ema_momentum, images_per_s=done * args.batch_size / epoch_time,
@@ -650,7 +672,7 @@ def main(argv=None):
             write_metrics(history, out_dir)
             plot_history(history, out_dir / f"{SCRIPT}.png")
         save_checkpoint(checkpoint_path, dict(
-            script=SCRIPT, format=1, epoch=epoch + 1, step=step, args=vars(args), arch=arch,
+            script=SCRIPT, format=1, epoch=step // steps_per_epoch, step=step, rng=rng, args=vars(args), arch=arch,
             model=model.state_dict(), optimizer=optimizer.state_dict(), data=data_info, history=history))
 
     if history:

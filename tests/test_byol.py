@@ -148,10 +148,11 @@ def test_training_writes_checkpoint_metrics_and_plot(tmp_path):
     assert not torch.equal(online, target) and (online - target).abs().mean() < online.abs().mean()
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("stop_at", [4, 3])  # 4 steps = 1 epoch; 3 stops inside the first epoch
+def test_resume_continues_exactly(stop_at, tmp_path):
     straight, _ = run(tmp_path, "--epochs", "2", name="straight")
-    killed, _ = run(tmp_path, "--epochs", "2", "--max-steps", "4", name="killed")  # 4 steps = 1 epoch
-    assert load(killed / "checkpoint.pt")["epoch"] == 1
+    killed, _ = run(tmp_path, "--epochs", "2", "--max-steps", str(stop_at), name="killed")
+    assert load(killed / "checkpoint.pt")["epoch"] == stop_at // 4
     history = byol.main(["--resume", str(killed / "checkpoint.pt")])
     assert [row["epoch"] for row in history] == [1, 2]
     a, b = load(straight / "checkpoint.pt"), load(killed / "checkpoint.pt")

@@ -14,7 +14,7 @@ SHARED = ["fail", "resume_args", "load_dataset", "resize_uint8", "read_image_fol
           "sample_view_params", "sample_crop_boxes", "crop_flip_resize", "rgb_to_grayscale", "blend",
           "adjust_hue", "color_jitter", "apply_view", "cifar_resnet18", "cosine_schedule", "collapse_metric",
           "effective_rank", "embed", "knn_top1", "save_checkpoint", "load_checkpoint", "write_metrics",
-          "pick_device", "prepare_data", "stop_if_not_finite", "format_seconds"]
+          "pick_device", "prepare_data", "stop_if_not_finite", "rng_state", "set_rng_state", "format_seconds"]
 
 
 def functions(path):
