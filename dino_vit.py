@@ -3,8 +3,17 @@
 Idea: a student ViT learns to give, on every crop of an image (2 global, several small local ones),
 the same distribution over K prototypes as a teacher gives on the global crops. The teacher is an
 EMA of the student; its output is centred (minus a running mean) and sharpened (low temperature).
-Centring alone collapses to the uniform distribution, sharpening alone to one prototype (Sec. 5.3):
-the teacher's entropy (log K vs 0) and KL(teacher || student) (0 in both) are logged and plotted.
+Centring alone collapses to the uniform distribution, sharpening alone to one prototype (Sec. 5.3).
+Three diagnostics of the teacher's output distribution P_t are logged and plotted:
+  - its entropy h(P_t): log K under uniform collapse, 0 under one-prototype collapse; it tells the two
+    modes apart, but a sharp teacher that sends different images to different prototypes also has
+    entropy near 0;
+  - KL(teacher || centre), the mean KL divergence of each image's P_t from the batch mean of P_t (the
+    centre, as a distribution): the mutual information between image and prototype. It is 0 in both
+    collapse modes, as every image gets the same distribution, and high when the teacher assigns
+    different images to different prototypes;
+  - KL(teacher || student), the loss minus h(P_t) (DINO Fig. 7): 0 in both modes, as the student
+    matches a teacher that ignores its input.
 
 Usage:
     python dino_vit.py --epochs 100                                  # CIFAR-10, downloaded to ./data
@@ -219,13 +228,12 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
 # ------------------------------------------------------------------------------------------------
 # DINO's multi-crop (Sec. 3.1 and official code): 2 global crops of 40-100% of the image at full size
 # and local crops of 5-40% at a smaller size, all with the flip, colour jitter and grayscale of BYOL. The
-# global pair keeps DINO's asymmetry, solarization 0 and 0.2; local crops are not solarized. DINO's
-# blur has sigma up to 2 px at 224 px (1%); the same fraction of a 32 px image is 0.3 px, which
-# leaves the image as it is, so the blur is left out here as in byol.py.
+# global pair keeps DINO's asymmetry: Gaussian blur with probability 1 and 0.1, solarization 0 and 0.2;
+# local crops are blurred with probability 0.5 and not solarized.
 VIEW = dict(crop_scale=(0.4, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-            grayscale=0.2, solarize=0.0)
-VIEWS = (VIEW, {**VIEW, "solarize": 0.2})
-LOCAL_VIEW = {**VIEW, "crop_scale": (0.05, 0.4)}
+            grayscale=0.2, solarize=0.0, blur=1.0)
+VIEWS = (VIEW, {**VIEW, "blur": 0.1, "solarize": 0.2})
+LOCAL_VIEW = {**VIEW, "crop_scale": (0.05, 0.4), "blur": 0.5}
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
@@ -351,11 +359,48 @@ def apply_view(images, params, out_size):
     return torch.where(params["solarize"].view(-1, 1, 1, 1), torch.minimum(x, 1 - x), x)
 
 
+# Blur adapted to 32 px: DINO draws sigma uniformly in [0.1, 2] px for 224 px crops; SimCLR and BYOL,
+# with the same sigma range, blur with a kernel of 10% of the image (23 taps at 224 px). Here the
+# kernel is 10% of the crop to the nearest odd number, at least 3, so 3 taps at 32 and 16 px, and
+# sigma keeps DINO's range per image: sigma 0.1 leaves a crop as it is, sigma 2 is close to a 3x3
+# box filter (taps 0.32, 0.36, 0.32). Relative to the image this is stronger than DINO's blur (1 px
+# of 32 against sigma up to 2 px of 224), but 3 taps is the smallest kernel that blurs at all.
+BLUR_SIGMA = (0.1, 2.0)
+
+
+def blur_kernel_size(crop_size):
+    return max(3, 2 * round((0.1 * crop_size - 1) / 2) + 1)
+
+
+def sample_blur(batch, view, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in BLUR_SIGMA."""
+    return (torch.rand(batch, device=device) < view["blur"],
+            torch.empty(batch, device=device).uniform_(*BLUR_SIGMA))
+
+
+def gaussian_blur(images, sigma, kernel_size):
+    """torchvision's gaussian_blur (reflect padding, a normalised kernel exp(-x^2 / 2 sigma^2) over
+    kernel_size taps) with each image's own sigma. The kernel is separable: every channel of every
+    image is one group of a 1-D convolution along the rows, then one along the columns."""
+    batch, channels, height, width = images.shape
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
+    kernels = torch.softmax(-0.5 * (taps / sigma.unsqueeze(1)) ** 2, dim=1).repeat_interleave(channels, dim=0)
+    padded = F.pad(images, (half,) * 4, mode="reflect").view(1, batch * channels, height + 2 * half, -1)
+    rows = F.conv2d(padded, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    return F.conv2d(rows, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels).view_as(images)
+
+
 def augment(images, view, mean, std, out_size):
-    """One random view of every image, normalised, in the memory layout the model wants."""
+    """One random view of every image, normalised, in the memory layout the model wants. DINO blurs
+    before it solarizes; the shared apply_view ends with solarization, so the blur comes after it,
+    which differs only for the 2% of second global crops that draw both."""
     batch, _, height, width = images.shape
     params = sample_view_params(batch, height, width, view, images.device)
-    x = apply_view(images, params, out_size).sub_(mean).div_(std)
+    blur, sigma = sample_blur(batch, view, images.device)
+    x = apply_view(images, params, out_size)
+    x = torch.where(blur.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(out_size)), x)
+    x = x.sub_(mean).div_(std)
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
@@ -464,9 +509,10 @@ class DINO(nn.Module):
         self.register_buffer("center", torch.zeros(out_dim))  # stays 0 without centring
 
     def forward(self, global_views, local_views, teacher_temp):
-        """DINO loss, the teacher's entropy, and the teacher's bottleneck features of the first global
-        crop. global_views: both global crops of B images, stacked (2B, 3, H, W); local_views: the
-        local crops (nB, 3, h, w) or None. Each crop size is one backbone pass (official code)."""
+        """DINO loss, the teacher's entropy and KL(teacher || centre) (see dino_loss), and the teacher's
+        bottleneck features of the first global crop. global_views: both global crops of B images,
+        stacked (2B, 3, H, W); local_views: the local crops (nB, 3, h, w) or None. Each crop size is
+        one backbone pass (official code)."""
         batch = len(global_views) // 2
         features = self.backbone(global_views)
         if local_views is not None:
@@ -474,11 +520,12 @@ class DINO(nn.Module):
         student_logits, _ = self.head(features)
         with torch.no_grad():  # only the global crops pass through the teacher (Sec. 3.1)
             teacher_logits, teacher_bottleneck = self.teacher_head(self.teacher_backbone(global_views))
-        loss, teacher_entropy = dino_loss(student_logits.unflatten(0, (-1, batch)),
-                                          teacher_logits.unflatten(0, (2, batch)), self.center, teacher_temp)
+        loss, teacher_entropy, center_kl = dino_loss(student_logits.unflatten(0, (-1, batch)),
+                                                     teacher_logits.unflatten(0, (2, batch)), self.center,
+                                                     teacher_temp)
         if self.centering:
             self.update_center(teacher_logits)
-        return loss, teacher_entropy, teacher_bottleneck[:batch]
+        return loss, teacher_entropy, center_kl, teacher_bottleneck[:batch]
 
     @torch.no_grad()
     def update_center(self, teacher_logits):
@@ -505,7 +552,9 @@ def dino_loss(student_logits, teacher_logits, center, teacher_temp):
     """DINO Eq. 3: the cross-entropy H(P_t, P_s) between the teacher's centred, sharpened softmax on
     each global crop and the student's softmax on every other crop, averaged over those pairs.
     student_logits (V, B, K), the 2 global crops first; teacher_logits (2, B, K).
-    Also returns the teacher's mean entropy h(P_t); the loss minus it is KL(P_t || P_s) (Sec. 5.3)."""
+    Also returns two collapse diagnostics of the teacher (module docstring): its mean entropy h(P_t),
+    which the loss exceeds by KL(P_t || P_s) (Sec. 5.3), and KL(teacher || centre), the mean over the
+    2B teacher outputs of KL(P_t || mean of P_t)."""
     teacher_log_probs = F.log_softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
     teacher_probs = teacher_log_probs.exp()
     student_log_probs = F.log_softmax(student_logits.float() / STUDENT_TEMP, dim=-1)
@@ -514,7 +563,9 @@ def dino_loss(student_logits, teacher_logits, center, teacher_temp):
     same_crop = cross_entropy.diagonal().sum()  # a global crop is not compared with itself
     loss = (cross_entropy.sum() - same_crop) / (cross_entropy.numel() - len(teacher_probs))
     entropy = -(teacher_probs * teacher_log_probs).sum(dim=-1).mean()
-    return loss, entropy
+    # mean_i KL(P_i || P) with P the mean of the P_i equals h(P) - mean_i h(P_i).
+    center_kl = torch.special.entr(teacher_probs.flatten(0, 1).mean(dim=0)).sum() - entropy
+    return loss, entropy, center_kl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,12 +687,19 @@ def plot_history(history, path, out_dim):
     panels = [("loss", "training loss", None), ("knn_top1", "kNN top-1 (test)", (0, 1)),
               ("collapse", "collapse metric (1 healthy, 0 collapsed)", (0, 1.1)),
               ("erank", "effective rank of the embedding", None),
-              # DINO Fig. 7: uniform collapse sends the entropy to log K, one-prototype collapse to 0;
-              # both send KL(teacher || student) to 0.
-              ("teacher_entropy", "teacher entropy (dashed: log K, uniform)", (0, 1.05 * uniform)),
-              ("teacher_kl", "KL(teacher || student)", None)]
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7.2))
+              ("teacher_entropy", "teacher entropy (dashed: log K)", (0, 1.05 * uniform)),
+              ("kl_teacher_center", "KL(teacher || centre)", (0, None)),
+              ("kl_teacher_student", "KL(teacher || student)", (0, None))]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7.2))
     axes.flat[4].axhline(uniform, color="grey", linestyle="--")
+    # The last cell explains the three teacher panels (module docstring, DINO Sec. 5.3 and Fig. 7).
+    axes.flat[7].axis("off")
+    axes.flat[7].text(0, 1, "Reading the teacher panels\n\n"
+                      "healthy: KL(teacher || centre) well above 0\n\n"
+                      "uniform collapse (--no-sharpening):\n  entropy -> log K, KL(teacher || centre) -> 0\n\n"
+                      "one-prototype collapse (--no-centering):\n  entropy -> 0, KL(teacher || centre) -> 0\n\n"
+                      "KL(teacher || student) -> 0 in both:\n  the student copies a teacher that\n"
+                      "  ignores its input", va="top", fontsize=10, transform=axes.flat[7].transAxes)
     for ax, (key, title, ylim) in zip(axes.flat, panels):
         ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
         ax.set_title(title)
@@ -796,6 +854,7 @@ def main(argv=None):
         loss_sum = torch.zeros((), device=device)
         collapse_sum = torch.zeros((), device=device)
         entropy_sum = torch.zeros((), device=device)
+        center_kl_sum = torch.zeros((), device=device)
         epoch_start, epoch_first_step = time.time(), step
         for index in batches:
             lr_now = cosine_schedule(step, total_steps, lr, 0.0, int(args.warmup_epochs * steps_per_epoch))
@@ -811,8 +870,8 @@ def main(argv=None):
             local_views = augment(images.repeat(args.local_crops, 1, 1, 1), LOCAL_VIEW, data["mean"], data["std"],
                                   local_crop_size(args.img_size)) if args.local_crops else None
             with autocast:  # the temperature as a tensor: a new float each step would recompile
-                loss, teacher_entropy, z1 = train_model(global_views, local_views,
-                                                        torch.full((), teacher_temp, device=device))
+                loss, teacher_entropy, center_kl, z1 = train_model(global_views, local_views,
+                                                                   torch.full((), teacher_temp, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip_gradients(trainable, CLIP_GRAD)
@@ -827,6 +886,7 @@ def main(argv=None):
             loss_sum += loss.detach()
             collapse_sum += collapse_metric(z1.detach())
             entropy_sum += teacher_entropy.detach()
+            center_kl_sum += center_kl.detach()
             step += 1
             done = step - epoch_first_step
             if step % args.log_every == 0 or step == last_step:
@@ -836,24 +896,26 @@ def main(argv=None):
                 eta = (last_step - step) * args.batch_size / speed
                 print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} | loss {mean_loss:.4f} | "
                       f"collapse {collapse_sum.item() / done:.3f} | teacher entropy {entropy_sum.item() / done:.3f} | "
-                      f"lr {lr_now:.2e} | {speed:.0f} img/s | eta {format_seconds(eta)}", flush=True)
+                      f"KL(t||c) {center_kl_sum.item() / done:.3f} | lr {lr_now:.2e} | {speed:.0f} img/s | "
+                      f"eta {format_seconds(eta)}", flush=True)
             if step == last_step:
                 break
 
         rng = rng_state(device)
         epoch_time = time.time() - epoch_start
         row = dict(epoch=epoch + 1, step=step, loss=loss_sum.item() / done, collapse=collapse_sum.item() / done,
-                   teacher_entropy=entropy_sum.item() / done, lr=lr_now, weight_decay=weight_decay,
-                   teacher_temp=teacher_temp, ema_momentum=ema_momentum,
+                   teacher_entropy=entropy_sum.item() / done, kl_teacher_center=center_kl_sum.item() / done,
+                   lr=lr_now, weight_decay=weight_decay, teacher_temp=teacher_temp, ema_momentum=ema_momentum,
                    images_per_s=done * args.batch_size / epoch_time, epoch_time_s=epoch_time)
-        row["teacher_kl"] = row["loss"] - row["teacher_entropy"]  # H(P_t, P_s) = h(P_t) + KL(P_t || P_s)
+        row["kl_teacher_student"] = row["loss"] - row["teacher_entropy"]  # H(P_t, P_s) = h(P_t) + KL(P_t || P_s)
         stop_if_not_finite(row["loss"], step, checkpoint_path)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or step == last_step:
             row.update(evaluate(model, data, args))
             print(f"epoch {epoch + 1}/{args.epochs} | loss {row['loss']:.4f} | collapse {row['collapse']:.3f} | "
                   f"teacher entropy {row['teacher_entropy']:.3f} (log K {math.log(args.out_dim):.3f}) | "
-                  f"KL {row['teacher_kl']:.3f} | erank {row['erank']:.1f} | knn {100 * row['knn_top1']:.2f}% | "
-                  f"{row['images_per_s']:.0f} img/s | {epoch_time:.1f} s/epoch", flush=True)
+                  f"KL(t||c) {row['kl_teacher_center']:.3f} | KL(t||s) {row['kl_teacher_student']:.3f} | "
+                  f"erank {row['erank']:.1f} | knn {100 * row['knn_top1']:.2f}% | {row['images_per_s']:.0f} img/s | "
+                  f"{epoch_time:.1f} s/epoch", flush=True)
             history.append(row)
             write_metrics(history, out_dir)
             plot_history(history, out_dir / f"{SCRIPT}.png", args.out_dim)
@@ -864,7 +926,8 @@ def main(argv=None):
     if history:
         last = history[-1]
         print(f"done: epoch {last['epoch']} kNN top-1 {100 * last['knn_top1']:.2f}% (last epoch), "
-              f"collapse {last['collapse']:.3f}, teacher entropy {last['teacher_entropy']:.3f}, outputs in {out_dir}")
+              f"collapse {last['collapse']:.3f}, teacher entropy {last['teacher_entropy']:.3f}, "
+              f"KL(teacher || centre) {last['kl_teacher_center']:.3f}, outputs in {out_dir}")
     return history
 
 

@@ -1,11 +1,12 @@
-"""dino_vit.py: ViT, DINO head and loss, centring and sharpening, training loop, checkpoints and errors,
-on tiny synthetic data."""
+"""dino_vit.py: multi-crop blur, ViT, DINO head and loss, centring and sharpening, collapse diagnostics,
+training loop, checkpoints and errors, on tiny synthetic data."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 import dino_vit
 from conftest import TINY, load
@@ -23,6 +24,47 @@ def run(tmp_path, *flags, name="run"):
 
 def tiny_dino(centering=True):
     return dino_vit.DINO(TINY_VIT, drop_path=0.1, head_hidden=64, bottleneck_dim=16, out_dim=64, centering=centering)
+
+
+# --- augmentation ---------------------------------------------------------------------------------
+def test_blur_matches_torchvision_per_image():
+    torch.manual_seed(0)
+    for size, kernel_size in ((32, 3), (16, 3), (64, 7)):
+        assert dino_vit.blur_kernel_size(size) == kernel_size
+        images = torch.rand(12, 3, size, size)
+        sigma = torch.empty(12).uniform_(*dino_vit.BLUR_SIGMA)
+        out = dino_vit.gaussian_blur(images, sigma, kernel_size)
+        for i in range(12):
+            expected = TF.gaussian_blur(images[i], [kernel_size, kernel_size], [sigma[i].item()] * 2)
+            torch.testing.assert_close(out[i], expected, atol=1e-6, rtol=0)
+    assert dino_vit.blur_kernel_size(224) == 23  # torchvision's 10% of the image, as SimCLR and BYOL
+
+
+def test_blur_is_drawn_per_image_with_dinos_probabilities():
+    """DINO: blur always on the first global crop, rarely on the second, on half of the local crops."""
+    torch.manual_seed(0)
+    n = 20000
+    for view, p in ((dino_vit.VIEWS[0], 1.0), (dino_vit.VIEWS[1], 0.1), (dino_vit.LOCAL_VIEW, 0.5)):
+        blur, sigma = dino_vit.sample_blur(n, view, "cpu")
+        assert abs(blur.float().mean().item() - p) < 0.015
+        assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.02
+    assert [view["solarize"] for view in dino_vit.VIEWS] == [0.0, 0.2] and dino_vit.LOCAL_VIEW["solarize"] == 0
+
+
+def test_augment_blurs_only_the_images_drawn_for_it():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    view = {**dino_vit.LOCAL_VIEW, "blur": 0.5}
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    torch.manual_seed(1)
+    out = dino_vit.augment(images, view, zero, one, 8)
+    torch.manual_seed(1)
+    params = dino_vit.sample_view_params(64, 16, 16, view, "cpu")
+    blur, sigma = dino_vit.sample_blur(64, view, "cpu")
+    plain = dino_vit.apply_view(images, params, 8)
+    torch.testing.assert_close(out[~blur], plain[~blur])
+    torch.testing.assert_close(out[blur], dino_vit.gaussian_blur(plain, sigma, 3)[blur])
+    assert 0 < blur.sum() < 64
 
 
 # --- model ----------------------------------------------------------------------------------------
@@ -77,12 +119,12 @@ def test_teacher_sees_the_global_crops_and_the_student_every_crop():
     torch.manual_seed(0)
     model = tiny_dino().eval()  # no drop-path, so the student's outputs can be recomputed
     global_views, local_views = torch.randn(2 * 4, 3, 16, 16), torch.randn(3 * 4, 3, 8, 8)
-    loss, entropy, teacher_bottleneck = model(global_views, local_views, torch.tensor(0.04))
+    loss, entropy, center_kl, teacher_bottleneck = model(global_views, local_views, torch.tensor(0.04))
     with torch.no_grad():
         student = torch.cat([model.head(model.backbone(global_views))[0], model.head(model.backbone(local_views))[0]])
         teacher, bottleneck = model.teacher_head(model.teacher_backbone(global_views))
     expected = dino_vit.dino_loss(student.view(5, 4, 64), teacher.view(2, 4, 64), torch.zeros(64), 0.04)
-    torch.testing.assert_close((loss, entropy), expected)
+    torch.testing.assert_close((loss, entropy, center_kl), expected)
     torch.testing.assert_close(teacher_bottleneck, bottleneck[:4])
 
 
@@ -105,7 +147,7 @@ def test_dino_loss_is_the_cross_entropy_of_every_teacher_crop_with_every_other_s
     torch.manual_seed(0)
     crops, batch, k = 5, 3, 7
     student, teacher, center = torch.randn(crops, batch, k), torch.randn(2, batch, k), torch.randn(k)
-    loss, entropy = dino_vit.dino_loss(student, teacher, center, 0.04)
+    loss, entropy, center_kl = dino_vit.dino_loss(student, teacher, center, 0.04)
     expected, pairs = 0.0, 0
     for t in range(2):
         p_t = F.softmax((teacher[t] - center) / 0.04, dim=1)
@@ -117,21 +159,30 @@ def test_dino_loss_is_the_cross_entropy_of_every_teacher_crop_with_every_other_s
     p = F.softmax((teacher - center) / 0.04, dim=-1)
     torch.testing.assert_close(entropy, -(p * p.log()).sum(dim=-1).mean())
     assert loss >= entropy  # the rest is KL(teacher || student) >= 0
+    # KL(teacher || centre): each of the 2 x 3 teacher distributions against their mean.
+    p = p.flatten(0, 1)
+    torch.testing.assert_close(center_kl, F.kl_div(p.mean(dim=0).log().expand_as(p), p, reduction="batchmean"))
 
 
 def test_centering_flattens_and_sharpening_peaks_a_collapsed_teacher():
     """A teacher that gives every image the same scores: centred, its distribution is uniform
-    (entropy log K); uncentred and sharpened, the top prototype takes almost all the mass."""
+    (entropy log K); uncentred and sharpened, the top prototype takes almost all the mass. Either way
+    KL(teacher || centre) is 0; a teacher that sends images to different prototypes has it high."""
     torch.manual_seed(0)
     # Cosines of one l2-normalised output with 64 unit-norm prototypes, the same for every image.
     scores = F.normalize(torch.randn(64, 16), dim=1) @ F.normalize(torch.randn(16), dim=0)
     teacher = scores.expand(2, 8, 64)
     student = torch.randn(4, 8, 64)
-    _, centred = dino_vit.dino_loss(student, teacher, scores, 0.04)
-    _, sharpened = dino_vit.dino_loss(student, teacher, torch.zeros(64), 0.04)
-    _, soft = dino_vit.dino_loss(student, teacher, torch.zeros(64), dino_vit.STUDENT_TEMP)
+    _, centred, centred_kl = dino_vit.dino_loss(student, teacher, scores, 0.04)
+    _, sharpened, sharpened_kl = dino_vit.dino_loss(student, teacher, torch.zeros(64), 0.04)
+    _, soft, _ = dino_vit.dino_loss(student, teacher, torch.zeros(64), dino_vit.STUDENT_TEMP)
     assert centred.item() == pytest.approx(math.log(64), abs=1e-5)
     assert sharpened < soft - 1 and soft < math.log(64) - 1
+    assert abs(centred_kl) < 1e-5 and abs(sharpened_kl) < 1e-5
+    # Image i scores 1 on prototype i, -1 elsewhere: sharpened, each is nearly one-hot on its own.
+    diverse = (2 * torch.eye(64)[:16] - 1).expand(2, 16, 64)
+    _, _, diverse_kl = dino_vit.dino_loss(torch.randn(4, 16, 64), diverse, torch.zeros(64), 0.04)
+    assert diverse_kl.item() == pytest.approx(math.log(16), abs=1e-3)
 
 
 def test_teacher_temperature_warms_up_linearly_then_stays():
@@ -155,7 +206,8 @@ def test_training_with_local_crops_writes_a_checkpoint_the_eval_tools_can_rebuil
     losses = [row["loss"] for row in history]
     assert all(math.isfinite(v) for v in losses) and abs(losses[1] - losses[0]) > 1e-3
     for row in history:
-        assert 0 < row["teacher_entropy"] < math.log(64) and row["teacher_kl"] >= 0
+        assert 0 < row["teacher_entropy"] < math.log(64) and row["kl_teacher_student"] >= 0
+        assert 0 < row["kl_teacher_center"] < math.log(64)
         assert 0 <= row["knn_top1"] <= 1 and row["erank"] >= 1 and row["teacher_temp"] < 0.07
     assert (out / "dino_vit.png").stat().st_size > 10_000
     checkpoint = load(out / "checkpoint.pt")
@@ -222,8 +274,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
     def loss_that_breaks(*args):
         calls["n"] += 1
-        loss, entropy = real_loss(*args)
-        return loss * (float("nan") if calls["n"] > 5 else 1.0), entropy  # step 6 on
+        loss, entropy, center_kl = real_loss(*args)
+        return loss * (float("nan") if calls["n"] > 5 else 1.0), entropy, center_kl  # step 6 on
 
     monkeypatch.setattr(dino_vit, "dino_loss", loss_that_breaks)
     out = tmp_path / "nan"
