@@ -1,0 +1,105 @@
+"""collapse_demo.py: regimes that must collapse do, the ones that must not do not, on tiny synthetic data."""
+import json
+
+import pytest
+import torch
+
+import collapse_demo
+from conftest import TINY
+
+SMALL_VIT = ["--dim", "32", "--depth", "1", "--heads", "2", "--mlp-dim", "64", "--head-hidden", "64",
+             "--head-dim", "32"]
+SMALL_HEADS = ["--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "64"]
+
+
+def run(tmp_path, regimes, *flags):
+    out = tmp_path / "run"
+    summary = collapse_demo.main([*TINY, *SMALL_VIT, *SMALL_HEADS, "--regimes", regimes, "--out-dir", str(out),
+                                  *flags])
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, summary, history
+
+
+def first_loss(history, regime):
+    return next(row["loss"] for row in history if row["regime"] == regime)
+
+
+def test_no_stop_grad_collapses_where_stop_grad_does_not(tmp_path):
+    out, summary, history = run(tmp_path, "stop-grad,no-stop-grad", "--steps", "40", "--eval-every", "20",
+                                "--log-every", "1", "--lr", "0.8")
+    healthy, collapsed = summary["stop-grad"], summary["no-stop-grad"]
+    # SimSiam Fig. 2: without stop-gradient the outputs become one point within a few steps.
+    assert collapsed["collapse"] < 0.15 and collapsed["collapse"] < 0.3 * healthy["collapse"]
+    assert collapsed["eval_collapse"] < 0.3 * healthy["eval_collapse"]
+    assert collapsed["erank"] < 0.5 * healthy["erank"]
+    # Same initial weights and the same batches: the very first losses agree (only the gradient differs).
+    assert first_loss(history, "stop-grad") == pytest.approx(first_loss(history, "no-stop-grad"), abs=1e-5)
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert list(saved["regimes"]) == ["stop-grad", "no-stop-grad"] and saved["args"]["steps"] == 40
+    for name, regime in saved["regimes"].items():
+        shares = regime["spectrum"]
+        assert len(shares) == 32 and sum(shares) == pytest.approx(1, abs=1e-4)
+        assert shares == sorted(shares, reverse=True)
+        assert [row["step"] for row in history if row["regime"] == name] == list(range(1, 41))
+        assert [row["step"] for row in history if row["regime"] == name and "knn_top1" in row] == [20, 40]
+    # A collapsed embedding has one direction: the other directions hold almost none of its energy.
+    tail = {name: 1 - regime["spectrum"][0] for name, regime in saved["regimes"].items()}
+    assert tail["no-stop-grad"] < 0.1 * tail["stop-grad"]
+    assert (out / "collapse_demo.png").stat().st_size > 10_000
+
+
+def test_sgd_on_the_teacher_drives_the_loss_to_zero_and_ema_does_not(tmp_path):
+    _, summary, history = run(tmp_path, "sgd-both,ema", "--steps", "30", "--eval-every", "30", "--log-every", "1",
+                              "--vit-lr", "0.1")
+    assert first_loss(history, "sgd-both") == pytest.approx(first_loss(history, "ema"), abs=1e-5)
+    # Teacher and student agree on one class for every token: cross-entropy 0, outputs all alike.
+    assert summary["sgd-both"]["loss"] < 0.1 * summary["ema"]["loss"]
+    assert summary["sgd-both"]["collapse"] < 0.1 and summary["sgd-both"]["erank"] < 1.1
+
+
+def test_rows_at_log_and_eval_steps(tmp_path):
+    _, _, history = run(tmp_path, "frozen-teacher", "--steps", "10", "--log-every", "4", "--eval-every", "5")
+    assert [row["step"] for row in history] == [4, 5, 8, 10]
+    assert [row["step"] for row in history if "knn_top1" in row] == [5, 10]
+    # A frozen random teacher: the loss stays where it started (the blog's plateau).
+    assert history[-1]["loss"] == pytest.approx(history[0]["loss"], rel=1e-3)
+
+
+def test_teacher_updates_and_symmetric_predictor():
+    torch.manual_seed(0)
+    model = collapse_demo.StudentTeacher(dict(img_size=16, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32),
+                                         32, 8, teacher="copy")
+    student = [p.detach().clone() for p in [*model.backbone.parameters(), *model.head.parameters()]]
+    teacher = [p.detach().clone() for p in [*model.teacher_backbone.parameters(), *model.teacher_head.parameters()]]
+    with torch.no_grad():
+        for p in [*model.backbone.parameters(), *model.head.parameters()]:
+            p.add_(torch.randn_like(p))
+    moved = [p.detach().clone() for p in [*model.backbone.parameters(), *model.head.parameters()]]
+    model.update_teacher(0.9)
+    for t, t0, s in zip([*model.teacher_backbone.parameters(), *model.teacher_head.parameters()], teacher, moved):
+        torch.testing.assert_close(t, 0.9 * t0 + 0.1 * s)
+    model.update_teacher(0.0)  # copy-each-epoch: the teacher becomes the student exactly
+    for t, s in zip([*model.teacher_backbone.parameters(), *model.teacher_head.parameters()], moved):
+        assert torch.equal(t, s)
+    assert not any(torch.equal(s, s0) for s, s0 in zip(moved, student))
+
+    siamese = collapse_demo.SimSiamRegime(16, 8, 16, predictor="symmetric")
+    with torch.no_grad():
+        siamese.predictor.parametrizations.weight.original.add_(torch.randn(8, 8))
+    weight = siamese.predictor.weight
+    torch.testing.assert_close(weight, weight.T)
+    z = torch.randn(4, 8)
+    torch.testing.assert_close(siamese.predictor(z), z @ weight.T)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--regimes", "stop-grad,no-such-regime"], "unknown no-such-regime"),
+    (["--regimes", "ema", "--dim", "30", "--heads", "4"], "multiple of --heads"),
+    (["--regimes", "ema", "--img-size", "18", "--patch-size", "4"], "must divide --img-size"),
+])
+def test_bad_flags_stop_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        collapse_demo.main(["--dataset", "synthetic", *flags])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
