@@ -17,13 +17,13 @@ Regimes (--regimes, all by default):
     copy-each-epoch     the teacher is replaced by the student after every epoch
     ema                 DINO's momentum teacher (Caron et al. 2021, Sec. 3.1), no centring, temperature 1
     ema-center-sharpen  DINO's full recipe: momentum teacher, centring and sharpening (Sec. 3.1, 5.3)
-  SimSiam on a CIFAR ResNet-18 (Chen & He 2021, Sec. 4) and the symmetric linear predictor of
-  Tian et al. (2021), as reproduced by Bogatov Wilkman, Miszkurka and Hoeppe (KTH, Table 1):
+  SimSiam on a CIFAR ResNet-18 (Chen & He 2021, Sec. 4) and the symmetric predictor of Tian et al.
+  (2021) as Bogatov Wilkman, Miszkurka and Hoeppe reproduced it (KTH, Table 1):
     stop-grad           SimSiam
     no-stop-grad        the gradient flows into both branches (Fig. 2)
     no-predictor        the predictor is the identity (Table 1a)
     fixed-predictor     the predictor keeps its random initialisation (Table 1b)
-    symmetric-no-ema    a one-layer symmetric linear predictor, the online network as target
+    symmetric-no-ema    a two-layer predictor with tied layers (W2 = W1^T), the online network as target
     symmetric-ema       the same predictor with an EMA target (BYOL's)
 
 Usage:
@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.nn.utils.parametrize as parametrize
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
@@ -394,11 +393,25 @@ def mlp(in_dim, hidden_dim, out_dim):
                          nn.Linear(hidden_dim, out_dim))
 
 
-class Symmetric(nn.Module):
-    """Parametrisation W_p = (A + A^T) / 2: the predictor and its gradient stay symmetric."""
+class TiedPredictor(nn.Module):
+    """The symmetric predictor of the KTH reproduction's Table 1: Linear -> BatchNorm (no affine) ->
+    ReLU -> Linear, with the second layer tied to the transpose of the first, so that its linear part
+    W_p = W2 W1 = W^T W is symmetric. The reproduction ties the layers by replacing both with their
+    average after every SGD step; using W = (W1 + W2^T) / 2 in both layers gives W that same update
+    (each layer's gradient is half the gradient of W), by construction."""
 
-    def forward(self, weight):
-        return (weight + weight.T) / 2
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.first = nn.Linear(dim, hidden_dim, bias=False)  # batch norm would subtract a bias again
+        self.norm = nn.BatchNorm1d(hidden_dim, affine=False)
+        self.second = nn.Linear(hidden_dim, dim, bias=False)
+
+    def tied_weight(self):
+        return (self.first.weight + self.second.weight.T) / 2
+
+    def forward(self, z):
+        weight = self.tied_weight()
+        return F.linear(F.relu(self.norm(F.linear(z, weight))), weight.T)
 
 
 class SimSiamRegime(nn.Module):
@@ -413,9 +426,7 @@ class SimSiamRegime(nn.Module):
         if predictor == "identity":
             self.predictor = nn.Identity()
         elif predictor == "symmetric":
-            # Tian et al. (2021): one linear layer W_p, kept symmetric, here by construction.
-            self.predictor = nn.Linear(proj_dim, proj_dim, bias=False)
-            parametrize.register_parametrization(self.predictor, "weight", Symmetric())
+            self.predictor = TiedPredictor(proj_dim, pred_hidden)
         else:
             self.predictor = mlp(proj_dim, pred_hidden, proj_dim).requires_grad_(predictor == "mlp")
         self.stop_grad = stop_grad

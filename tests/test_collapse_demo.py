@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import collapse_demo
 from conftest import TINY
@@ -84,13 +85,30 @@ def test_teacher_updates_and_symmetric_predictor():
         assert torch.equal(t, s)
     assert not any(torch.equal(s, s0) for s, s0 in zip(moved, student))
 
-    siamese = collapse_demo.SimSiamRegime(16, 8, 16, predictor="symmetric")
-    with torch.no_grad():
-        siamese.predictor.parametrizations.weight.original.add_(torch.randn(8, 8))
-    weight = siamese.predictor.weight
-    torch.testing.assert_close(weight, weight.T)
-    z = torch.randn(4, 8)
-    torch.testing.assert_close(siamese.predictor(z), z @ weight.T)
+
+
+def test_tied_predictor_is_symmetric_and_steps_like_the_reproductions_averaging():
+    torch.manual_seed(0)
+    predictor = collapse_demo.SimSiamRegime(16, 8, 16, predictor="symmetric").predictor
+    z, target = torch.randn(32, 8), torch.randn(32, 8)
+    weight = predictor.tied_weight().detach()
+    assert weight.shape == (16, 8)
+    # Its linear part W2 W1 = W^T W is symmetric: the second layer is the first one transposed.
+    hidden = F.relu(F.batch_norm(z @ weight.T, None, None, training=True))
+    torch.testing.assert_close(predictor(z), hidden @ weight)
+
+    # The reproduction: two untied layers, one SGD step each, then both replaced by their average.
+    first, second = weight.clone().requires_grad_(), weight.T.clone().requires_grad_()
+    prediction = F.relu(F.batch_norm(z @ first.T, None, None, training=True)) @ second.T
+    (-F.cosine_similarity(prediction, target).mean()).backward()
+    lr = 0.5
+    averaged = ((first - lr * first.grad) + (second - lr * second.grad).T) / 2
+
+    optimizer = torch.optim.SGD(predictor.parameters(), lr=lr)
+    (-F.cosine_similarity(predictor(z), target).mean()).backward()
+    optimizer.step()
+    torch.testing.assert_close(predictor.tied_weight().detach(), averaged.detach())
+    assert not torch.allclose(averaged, weight)
 
 
 @pytest.mark.parametrize("flags, message", [
