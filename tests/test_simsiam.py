@@ -173,6 +173,19 @@ def collapse_runs(tmp_path_factory):
     return at_step0, default, no_stop_grad
 
 
+@pytest.mark.parametrize("batch, one_side", [(512, 256), (512, 461), (512, 511), (64, 63)])
+def test_batch_normed_rank_one_embedding_reads_sqrt_of_one_minus_mean_sign_squared(batch, one_side):
+    """The projector's affine-free output batch norm bounds the collapse metric of a training batch:
+    outputs on one line through the origin read sqrt(1 - m^2), m the mean sign (README, SimSiam)."""
+    torch.manual_seed(0)
+    direction = (0.5 + torch.rand(256)) * torch.randn(256).sign()  # no entry near 0, where BN's eps would act
+    scale = torch.cat([-torch.ones(one_side), torch.full((batch - one_side,), one_side / (batch - one_side))])
+    z = simsiam.SimSiam(64, 256, 16).projector[-1](scale[:, None] * direction)  # the output batch norm
+    mean_sign = scale.sign().mean().item()
+    expected = math.sqrt((1 - mean_sign ** 2) * batch / (batch - 1))  # std() is the unbiased one
+    assert simsiam.collapse_metric(z).item() == pytest.approx(expected, rel=1e-3)
+
+
 def test_without_stop_gradient_the_embedding_collapses(collapse_runs):
     _, default, no_stop_grad = collapse_runs
     assert default["step"] == no_stop_grad["step"] == 32
