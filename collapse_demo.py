@@ -33,6 +33,10 @@ Usage:
     python collapse_demo.py --dataset synthetic --steps 20 --device cpu   # a quick check, no download
     python collapse_demo.py --img-size 32 --subset 0 --steps 2000 --batch-size 256 \\
         --dim 256 --depth 6 --mlp-dim 1024 --head-hidden 2048   # the blog's ViT, larger runs (GPU)
+
+Result of `--dataset folder` on the CIFAR-10 JPEG copy (2-core CPU, 9 minutes): the table and figure
+in the README; every regime lands on the side the literature puts it, except symmetric-no-ema, which
+does not collapse in 100 steps.
 """
 import argparse
 import copy
@@ -41,6 +45,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -50,15 +55,39 @@ from torchvision.transforms.v2 import functional as TF
 
 SCRIPT = Path(__file__).stem
 
-
-def fail(message):
-    """Stop with a one-line error and a non-zero exit code."""
-    raise SystemExit(f"{SCRIPT}.py: error: {message}")
-
-
 # ------------------------------------------------------------------------------------------------
-# Config
+# Hyperparameters: the recipe in one place. Each entry is the default of the flag of the same name
+# (batch_size is --batch-size); the comment says where the value comes from.
 # ------------------------------------------------------------------------------------------------
+RECIPE = dict(
+    img_size=16,            # small enough for the default run to take minutes on a CPU
+    subset=2000,            # training images, also the kNN memory bank
+    steps=100,              # optimisation steps per regime; the schedules span them
+    batch_size=64,
+    lr=0.2,                 # SGD of the ResNet-18 regimes, per 256 images, scaled by batch/256
+    momentum=0.9,
+    weight_decay=5e-4,
+    proj_hidden=512,        # the KTH reproduction (Sec. 4): projector and predictor 512 -> 128
+    proj_dim=128,
+    pred_hidden=512,
+    ema_start=0.996,        # EMA momentum of teacher and target at step 0, cosine to 1: DINO's and the KTH report's
+    # The blog's ViT is patch 4, width 256, 6 blocks of 4 heads, MLP 1024, head 2048 -> 2048 -> 128,
+    # AdamW at 1e-3 for batch 128; these defaults shrink width, depth and head to run on a CPU.
+    patch_size=4,
+    dim=64,
+    depth=2,
+    heads=4,
+    mlp_dim=256,
+    head_hidden=512,
+    head_dim=128,           # classes of the per-token softmax
+    vit_lr=2e-3,            # AdamW of the ViT regimes, per 256 images, scaled by batch/256
+    vit_weight_decay=0.04,  # DINO's
+    student_temp=0.1,       # ema-center-sharpen: DINO's temperatures and centre momentum (Sec. 3.1);
+    teacher_temp=0.04,      # the other ViT regimes use the blog's temperature 1 on both sides
+    center_momentum=0.9,
+    knn_k=200,              # the kNN monitor of Wu et al. 2018: 200 neighbours, temperature 0.1
+    knn_t=0.1,
+)
 # Each regime: its family (which model and views), where its targets come from ("teacher"), and
 # what else it changes. ViT teachers: trained by the gradient ("sgd"), "frozen", "copy" (student
 # copied in after every epoch) or "ema". SimSiam targets: the "online" network itself or an "ema".
@@ -76,306 +105,20 @@ REGIMES = {
     "symmetric-ema": dict(family="siamese", teacher="ema", predictor="symmetric"),
 }
 FAMILY_TITLES = {"vit": "ViT student/teacher", "siamese": "SimSiam, ResNet-18"}
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"])
-    p.add_argument("--data-dir", default="./data", help="download folder (cifar) or DIR with train/ and test/ (folder)")
-    p.add_argument("--img-size", type=int, default=16,
-                   help="images are resized once to this size (16 keeps the default run to minutes on a CPU)")
-    p.add_argument("--subset", type=int, default=2000,
-                   help="train on a random N images of the train split, also the kNN memory bank (0: all)")
-    p.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, from: " + ", ".join(REGIMES))
-    p.add_argument("--steps", type=int, default=100, help="optimisation steps per regime; the schedules span them")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.2,
-                   help="SGD learning rate of the ResNet-18 regimes for batch 256, scaled by batch/256")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="of the SGD (ResNet-18) regimes")
-    p.add_argument("--momentum", type=float, default=0.9, help="of the SGD (ResNet-18) regimes")
-    p.add_argument("--eval-every", type=int, default=25, help="steps between kNN evaluations")
-    p.add_argument("--log-every", type=int, default=10, help="steps between logged points of loss and collapse")
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
-    # The blog's ViT is patch 4, width 256, 6 blocks of 4 heads, MLP 1024, head 2048 -> 2048 -> 128,
-    # AdamW at 1e-3 for batch 128; the defaults shrink the width, depth and head to run on a CPU.
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--mlp-dim", type=int, default=256)
-    p.add_argument("--head-hidden", type=int, default=512)
-    p.add_argument("--head-dim", type=int, default=128, help="classes of the per-token softmax")
-    p.add_argument("--vit-lr", type=float, default=2e-3,
-                   help="AdamW learning rate of the ViT regimes for batch 256, scaled by batch/256")
-    p.add_argument("--vit-weight-decay", type=float, default=0.04, help="AdamW weight decay (DINO's)")
-    # SimSiam regimes: projector and predictor 512 -> 128 as in the KTH reproduction (Sec. 4).
-    p.add_argument("--proj-hidden", type=int, default=512)
-    p.add_argument("--proj-dim", type=int, default=128)
-    p.add_argument("--pred-hidden", type=int, default=512)
-    p.add_argument("--ema-start", type=float, default=0.996,
-                   help="EMA momentum of the teacher/target at step 0 (cosine to 1), DINO's and the KTH report's")
-    return p
-
-
-def get_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-
-    positive = ["img_size", "steps", "batch_size", "eval_every", "log_every", "knn_k", "patch_size", "dim",
-                "depth", "heads", "mlp_dim", "head_hidden", "head_dim", "proj_hidden", "proj_dim", "pred_hidden"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["subset", "weight_decay", "momentum", "vit_weight_decay"]:
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.img_size < 8:
-        p.error(f"--img-size must be at least 8, got {args.img_size}")
-    if not (args.lr > 0 and args.vit_lr > 0 and args.knn_t > 0):
-        p.error("--lr, --vit-lr and --knn-t must be positive")
-    if not 0 <= args.ema_start <= 1:
-        p.error(f"--ema-start must be in [0, 1], got {args.ema_start}")
-    args.regimes = [name.strip() for name in args.regimes.split(",") if name.strip()]
-    unknown = [name for name in args.regimes if name not in REGIMES]
-    if unknown or not args.regimes:
-        p.error(f"--regimes: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
-                f"choose from {', '.join(REGIMES)}")
-    if len(set(args.regimes)) != len(args.regimes):
-        p.error("--regimes names a regime twice")
-    if any(REGIMES[name]["family"] == "vit" for name in args.regimes):
-        if args.dim % args.heads:
-            p.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
-        if args.img_size % args.patch_size:
-            p.error(f"--patch-size {args.patch_size} must divide --img-size {args.img_size}")
-    return args
-
-
-# ------------------------------------------------------------------------------------------------
-# Data: every split decoded once into a uint8 tensor (N, 3, H, W) that lives on the training device
-# ------------------------------------------------------------------------------------------------
-def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
-    if args.dataset == "synthetic":
-        return synthetic_dataset(args.img_size, seed=args.seed)
-    if args.dataset == "folder":
-        root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size)
-        test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
-        if test_classes != classes:
-            fail(f"{root}/train and {root}/test have different class folders")
-        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
-
-    cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    try:
-        splits = [cifar(args.data_dir, train=train, download=True) for train in (True, False)]
-    except Exception as error:  # offline, partial download, corrupt archive
-        fail(f"could not load {args.dataset} into {args.data_dir} ({type(error).__name__}: {error}); "
-             f"offline, point --data-dir at a folder holding the extracted "
-             f"{'cifar-10-batches-py' if args.dataset == 'cifar10' else 'cifar-100-python'}, "
-             f"or use --dataset folder")
-    (train_x, train_y), (test_x, test_y) = [
-        (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
-    if args.img_size != train_x.shape[-1]:
-        train_x, test_x = (resize_uint8(x, args.img_size) for x in (train_x, test_x))
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=splits[0].classes)
-
-
-def resize_uint8(images, size):
-    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 in, uint8 out)."""
-    return TF.center_crop(TF.resize(images, size, antialias=True), size)
-
-
-def read_image_folder(root, img_size):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor."""
-    try:
-        folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
-    except OSError as error:  # missing folder, no class folders, or no images in them
-        fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
-    images = []
-    for index, (path, _) in enumerate(folder.samples):
-        try:
-            image, _ = folder[index]
-        except Exception as error:
-            fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
-        images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets), folder.classes
-
-
-def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
-    """Class-structured images: each class is a colour grating of its own orientation and frequency,
-    drawn with a random phase, contrast and noise per image, so augmentations keep the class visible
-    and a network can learn it within a few CPU steps."""
-    gen = torch.Generator().manual_seed(seed)
-    angle = torch.rand(num_classes, generator=gen) * math.pi
-    freq = 1.5 + 2.5 * torch.rand(num_classes, generator=gen)
-    colour = torch.rand(num_classes, 3, generator=gen)
-    coords = torch.linspace(0, 1, img_size)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-
-    def make(n):
-        labels = torch.arange(n) % num_classes
-        phase = 2 * math.pi * torch.rand(n, 1, 1, generator=gen)
-        a, f = angle[labels, None, None], freq[labels, None, None]
-        grating = torch.sin(2 * math.pi * f * (xx * torch.cos(a) + yy * torch.sin(a)) + phase)
-        contrast = 0.3 + 0.2 * torch.rand(n, 1, 1, 1, generator=gen)
-        images = 0.5 + contrast * grating[:, None] * (2 * colour[labels, :, None, None] - 1)
-        images = images + 0.05 * torch.randn(n, 3, img_size, img_size, generator=gen)
-        return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
-
-    (train_x, train_y), (test_x, test_y) = make(n_train), make(n_test)
-    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
-                classes=[f"class{c}" for c in range(num_classes)])
-
-
-# ------------------------------------------------------------------------------------------------
-# Augmentation: batched on the device, every random parameter drawn per image
-# ------------------------------------------------------------------------------------------------
 # SimSiam on CIFAR (Appendix D): crop scale 0.2-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
 # probability 0.8, grayscale 0.2, no blur; both views drawn the same way.
 VIEW = dict(crop_scale=(0.2, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-            grayscale=0.2, solarize=0.0)
+            grayscale=0.2, solarize=0.0, blur=0.0)
 # The blog's ViT pair. The loss compares tokens at the same grid position, so both views keep 80-100%
 # of the image; the teacher's light view only crops and flips, the student's strong view adds the
 # colour distortions above (in place of the blog's rotation and erasing).
 STRONG_VIEW = {**VIEW, "crop_scale": (0.8, 1.0)}
 LIGHT_VIEW = {**STRONG_VIEW, "jitter": 0.0, "grayscale": 0.0}
 VIEWS = {"vit": (STRONG_VIEW, LIGHT_VIEW), "siamese": (VIEW, VIEW)}  # (student / view 1, teacher / view 2)
-CROP_RATIO = (3 / 4, 4 / 3)
-
-
-def sample_view_params(batch, height, width, view, device):
-    """Draw one set of augmentation parameters per image (torchvision's distributions)."""
-    crop = sample_crop_boxes(batch, height, width, view["crop_scale"], CROP_RATIO, device)
-    jitter = torch.rand(batch, device=device) < view["jitter"]
-
-    def factor(strength):  # torchvision's ColorJitter: uniform in [max(0, 1 - s), 1 + s]
-        drawn = torch.empty(batch, device=device).uniform_(max(0.0, 1 - strength), 1 + strength)
-        return torch.where(jitter, drawn, 1.0)
-
-    # Columns: brightness, contrast, saturation, hue. A factor of 1 (a shift of 0) is the identity.
-    factors = torch.stack([factor(view["brightness"]), factor(view["contrast"]), factor(view["saturation"]),
-                           torch.ones(batch, device=device)], dim=1)
-    hue_shift = torch.where(jitter, torch.empty(batch, device=device).uniform_(-view["hue"], view["hue"]), 0.0)
-    return dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
-                factors=factors, hue_shift=hue_shift,
-                order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
-                grayscale=torch.rand(batch, device=device) < view["grayscale"],
-                solarize=torch.rand(batch, device=device) < view["solarize"])
-
-
-def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
-    """torchvision's RandomResizedCrop.get_params for a whole batch: the first of `tries` random
-    boxes that fits, else the whole image with the ratio clamped. Returns (top, left, h, w)."""
-    area = height * width
-    target_area = area * torch.empty(batch, tries, device=device).uniform_(*scale)
-    aspect = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w = (target_area * aspect).sqrt().round()
-    h = (target_area / aspect).sqrt().round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(dim=1, keepdim=True)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-
-    if width / height < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
-    found = fits.any(dim=1)
-    w = torch.where(found, w, float(fallback_w))
-    h = torch.where(found, h, float(fallback_h))
-    top = torch.where(found, (torch.rand(batch, device=device) * (height - h + 1)).floor(), (height - h) // 2)
-    left = torch.where(found, (torch.rand(batch, device=device) * (width - w + 1)).floor(), (width - w) // 2)
-    return torch.stack([top, left, h, w], dim=1)
-
-
-def crop_flip_resize(images, crop, flip, out_size):
-    """Crop every image to its own box, mirror it if flip, and resize to out_size, in one bilinear
-    grid_sample. Equals torchvision's resized_crop (+ hflip) when enlarging; shrinking skips its
-    antialiasing."""
-    batch, _, height, width = images.shape
-    top, left, h, w = (t.unsqueeze(1) for t in crop.unbind(1))
-    centres = (torch.arange(out_size, device=images.device) + 0.5) / out_size
-    # Where each output pixel centre falls in the input, in pixels, kept between the box's outer
-    # pixel centres (as cropping before resizing does), then in grid_sample's [-1, 1] coordinates.
-    xs = (left + w * torch.where(flip.unsqueeze(1), 1 - centres, centres)).clamp(left + 0.5, left + w - 0.5)
-    ys = (top + h * centres).clamp(top + 0.5, top + h - 0.5)
-    grid = torch.stack(torch.broadcast_tensors(2 * xs[:, None, :] / width - 1, 2 * ys[:, :, None] / height - 1),
-                       dim=-1)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def rgb_to_grayscale(images):
-    """ITU-R 601-2 luma, as torchvision: (B, 3, H, W) -> (B, 1, H, W)."""
-    r, g, b = images.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-def blend(images, op, factor):
-    """torchvision's brightness (op 0), contrast (op 1) and saturation (op 2), chosen per image:
-    each blends the image with a reference (black, mean grey, grey image) and clamps to [0, 1]."""
-    gray = rgb_to_grayscale(images)
-    op = op.view(-1, 1, 1, 1)
-    reference = torch.addcmul((op == 1) * gray.mean(dim=(1, 2, 3), keepdim=True), gray, op == 2)
-    return torch.lerp(reference, images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def adjust_hue(images, shift):
-    """torchvision's adjust_hue per image: rotate the hue of HSV by `shift` (a fraction of the circle).
-    A hue rotation keeps each pixel's max and min channel, so RGB = min + (max - min) * ramp(hue),
-    with ramp the fully saturated colour of that hue; the hue is measured in sextants (0..6)."""
-    r, g, b = images.split(1, dim=1)
-    maxc, minc = images.amax(dim=1, keepdim=True), images.amin(dim=1, keepdim=True)
-    spread = maxc - minc
-    # HSV hue in sextants: 0 + (g - b) / spread where red is largest, 2 + ... green, 4 + ... blue.
-    sextant = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * spread + b - r, 4 * spread + r - g))
-    sextant = (sextant / spread.clamp_min(1e-12) + 6 * shift.view(-1, 1, 1, 1)) % 6
-    distance = (sextant - torch.tensor([0.0, 2.0, 4.0], device=images.device).view(1, 3, 1, 1)).abs()
-    ramp = (2 - torch.minimum(distance, 6 - distance)).clamp_(0, 1)  # red, green, blue peak at 0, 2, 4
-    return torch.addcmul(minc, spread, ramp)
-
-
-def color_jitter(images, factors, hue_shift, order, jitter):
-    """ColorJitter with a random order per image. Brightness, contrast and saturation are blends;
-    hue is not, so it is applied once for the whole batch and every blend is placed before or
-    after it according to the image's own order."""
-    hue_position = (order == 3).int().argmax(dim=1)
-    for before_hue, positions in ((True, range(3)), (False, range(1, 4))):
-        for position in positions:
-            op = order[:, position]
-            due = position < hue_position if before_hue else position > hue_position
-            factor = torch.where(due, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
-            images = blend(images, op, factor)
-        if before_hue:
-            images = torch.where(jitter.view(-1, 1, 1, 1), adjust_hue(images, hue_shift), images)
-    return images
-
-
-def apply_view(images, params, out_size):
-    """uint8 (B, 3, H, W) on the device -> augmented float images in [0, 1]."""
-    x = crop_flip_resize(images.float().div_(255), params["crop"], params["flip"], out_size)
-    x = color_jitter(x, params["factors"], params["hue_shift"], params["order"], params["jitter"])
-    x = torch.where(params["grayscale"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
-    # Solarize at 0.5 (invert every value above it) is min(x, 1 - x).
-    return torch.where(params["solarize"].view(-1, 1, 1, 1), torch.minimum(x, 1 - x), x)
-
-
-def augment(images, view, mean, std):
-    """One random view of every image, normalised, in the memory layout the model wants."""
-    batch, _, height, width = images.shape
-    params = sample_view_params(batch, height, width, view, images.device)
-    x = apply_view(images, params, height).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 # ------------------------------------------------------------------------------------------------
-# Model
+# The regimes: models, losses and their optimisers
 # ------------------------------------------------------------------------------------------------
 def cifar_resnet18():
     """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution, no max-pool,
@@ -465,6 +208,11 @@ class SimSiamRegime(nn.Module):
         torch._foreach_lerp_(list(self.target.parameters()), online, 1 - momentum)
 
 
+def negative_cosine(prediction, target):
+    """SimSiam Eq. 1: minus the cosine similarity of p and z, batch mean (-1 when aligned)."""
+    return -F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
+
+
 class ViT(nn.Module):
     """The blog's pre-norm Vision Transformer (Dosovitskiy et al. 2021), without dropout; returns
     the patch tokens after the final norm (the [CLS] token is computed but, as in the blog, unused)."""
@@ -494,19 +242,20 @@ def vit_head(dim, hidden_dim, out_dim):
 
 class StudentTeacher(nn.Module):
     """A student ViT + head learns, on a strong view, the teacher's per-token softmax on a light view.
-    The teacher starts as a copy of the student (DINO); the regime decides what moves it."""
+    The teacher starts as a copy of the student (DINO); the regime decides what moves it. DINO's
+    temperatures and centring apply with center_sharpen; the blog's loss is a plain softmax on both
+    sides (temperature 1) and no centre."""
 
-    def __init__(self, vit_kwargs, head_hidden, head_dim, teacher="ema", center_sharpen=False):
+    def __init__(self, vit_kwargs, head_hidden, head_dim, teacher="ema", center_sharpen=False, student_temp=0.1,
+                 teacher_temp=0.04, center_momentum=0.9):
         super().__init__()
         self.backbone = ViT(**vit_kwargs)
         self.head = vit_head(vit_kwargs["dim"], head_hidden, head_dim)
         self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(teacher == "sgd")
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(teacher == "sgd")
         self.teacher_trains = teacher == "sgd"
-        # DINO Sec. 3.1: sharpen the teacher (0.04) more than the student (0.1) and centre it; the
-        # blog's loss is a plain softmax on both sides (temperature 1) and no centre.
-        self.student_temp, self.teacher_temp = (STUDENT_TEMP, TEACHER_TEMP) if center_sharpen else (1.0, 1.0)
-        self.centering = center_sharpen
+        self.student_temp, self.teacher_temp = (student_temp, teacher_temp) if center_sharpen else (1.0, 1.0)
+        self.centering, self.center_momentum = center_sharpen, center_momentum
         self.register_buffer("center", torch.zeros(head_dim))  # stays 0 without centring
 
     def forward(self, student_view, teacher_view):
@@ -535,8 +284,8 @@ class StudentTeacher(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_logits):
-        """DINO Eq. 4: c <- m c + (1 - m) (mean teacher output over the batch and its tokens), m = 0.9."""
-        self.center.lerp_(teacher_logits.float().mean(dim=(0, 1)), 1 - CENTER_MOMENTUM)
+        """DINO Eq. 4: c <- m c + (1 - m) (mean teacher output over the batch and its tokens)."""
+        self.center.lerp_(teacher_logits.float().mean(dim=(0, 1)), 1 - self.center_momentum)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -544,29 +293,6 @@ class StudentTeacher(nn.Module):
         student = [*self.backbone.parameters(), *self.head.parameters()]
         teacher = [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]
         torch._foreach_lerp_(teacher, student, 1 - momentum)
-
-
-def build_model(spec, args):
-    if spec["family"] == "vit":
-        vit_kwargs = dict(img_size=args.img_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                          heads=args.heads, mlp_dim=args.mlp_dim)
-        return StudentTeacher(vit_kwargs, args.head_hidden, args.head_dim, spec["teacher"],
-                              spec.get("center_sharpen", False))
-    return SimSiamRegime(args.proj_hidden, args.proj_dim, args.pred_hidden, spec["predictor"],
-                         spec.get("stop_grad", True), spec["teacher"] == "ema")
-
-
-# ------------------------------------------------------------------------------------------------
-# Loss
-# ------------------------------------------------------------------------------------------------
-STUDENT_TEMP = 0.1
-TEACHER_TEMP = 0.04
-CENTER_MOMENTUM = 0.9
-
-
-def negative_cosine(prediction, target):
-    """SimSiam Eq. 1: minus the cosine similarity of p and z, batch mean (-1 when aligned)."""
-    return -F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
 
 def token_cross_entropy(student_logits, teacher_logits, center, student_temp, teacher_temp):
@@ -578,78 +304,144 @@ def token_cross_entropy(student_logits, teacher_logits, center, student_temp, te
     return -(teacher_probs * student_log_probs).sum(dim=-1).mean()
 
 
+def build_model(spec, args):
+    if spec["family"] == "vit":
+        vit_kwargs = dict(img_size=args.img_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
+                          heads=args.heads, mlp_dim=args.mlp_dim)
+        return StudentTeacher(vit_kwargs, args.head_hidden, args.head_dim, spec["teacher"],
+                              spec.get("center_sharpen", False), args.student_temp, args.teacher_temp,
+                              args.center_momentum)
+    return SimSiamRegime(args.proj_hidden, args.proj_dim, args.pred_hidden, spec["predictor"],
+                         spec.get("stop_grad", True), spec["teacher"] == "ema")
+
+
+def make_optimizer(model, spec, args):
+    """AdamW for the ViT regimes (DINO's optimiser), SGD with momentum for the ResNet-18 ones (SimSiam's);
+    each learning rate is given per 256 images and scaled by the batch."""
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    if spec["family"] == "vit":
+        return torch.optim.AdamW(trainable, lr=args.vit_lr * args.batch_size / 256, weight_decay=args.vit_weight_decay)
+    return torch.optim.SGD(trainable, lr=args.lr * args.batch_size / 256, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
+def train_step(model, optimizer, images, spec, lr, ema_momentum, data, compute):
+    """One step of a regime: the student's (view 1's) and the teacher's (view 2's) views, the loss, one
+    optimiser step, then the teacher update the regime has: DINO's and BYOL's EMA, a copy at the end of
+    an epoch (ema_momentum 0), or none. Returns the loss and the collapse metric, as device tensors."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    student_view, teacher_view = VIEWS[spec["family"]]
+    view1 = augment(images, student_view, data["mean"], data["std"], compute.memory_format)
+    view2 = augment(images, teacher_view, data["mean"], data["std"], compute.memory_format)
+    with compute.autocast:
+        loss, embedding = model(view1, view2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if ema_momentum is not None:
+        model.update_teacher(ema_momentum)
+    return dict(loss=loss.detach(), collapse=collapse_metric(embedding.detach()))
+
+
 # ------------------------------------------------------------------------------------------------
-# Schedules and collapse metrics
+# Training loop: every regime for --steps steps, then the figure and the table
 # ------------------------------------------------------------------------------------------------
-def cosine_schedule(step, total_steps, start, end, warmup_steps=0):
-    """Linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
-    if step < warmup_steps:
-        return start * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+def main(argv=None):
+    args = get_args(argv)
+    compute = compute_settings(args.device)
+    data = prepare_data(args, compute.device)
+    out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
+          f"{args.steps} steps per regime, regimes {', '.join(args.regimes)}, writing to {out_dir}")
+    history, summary = [], {}
+    for name in args.regimes:
+        rows, spectrum = train_regime(name, args, data, compute)
+        history += rows
+        last = rows[-1]
+        summary[name] = dict(family=REGIMES[name]["family"], loss=last["loss"], collapse=last["collapse"],
+                             eval_collapse=last["eval_collapse"], erank=last["erank"], knn_top1=last["knn_top1"],
+                             seconds=last["seconds"], spectrum=spectrum)
+        write_metrics(history, out_dir)
+        write_summary(summary, args, out_dir)
+        plot_regimes(history, summary, out_dir / f"{SCRIPT}.png", 1 / len(data["classes"]))
+
+    print(f"{'regime':>18} | {'loss':>8} | collapse | erank | kNN top-1")
+    for name, s in summary.items():
+        print(f"{name:>18} | {s['loss']:8.4f} | {s['collapse']:8.3f} | {s['erank']:5.1f} | {100 * s['knn_top1']:.2f}%")
+    print(f"done: outputs in {out_dir}")
+    return summary
 
 
-def collapse_metric(z):
-    """Std over the batch of the l2-normalised outputs, averaged over dimensions, times sqrt(d):
-    about 1 when outputs spread over the sphere, 0 when every image maps to the same point."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+def train_regime(name, args, data, compute):
+    """Train one regime for --steps steps. Every regime starts from the same seed, so the regimes of
+    a family share their initial weights and see the same batches and augmentations. A row of the
+    history every --log-every and every --eval-every steps, with the means since the last row."""
+    spec = REGIMES[name]
+    torch.manual_seed(args.seed)
+    model = build_model(spec, args).to(compute.device, memory_format=compute.memory_format)
+    optimizer = make_optimizer(model, spec, args)
+    if args.compile:
+        model.compile()  # compiles model(...) in place: the state dict keeps its keys
+    steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
+    history, spectrum, step, epoch, logged_step, sums = [], None, 0, 0, 0, {}
+    start = time.time()
+    while step < args.steps:
+        # All randomness of an epoch follows from (seed, epoch), the same for every regime.
+        torch.manual_seed(args.seed * 100_003 + epoch)
+        permutation = torch.randperm(len(data["train_x"]), device=compute.device)
+        for batch_indices in permutation[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
+            lr = cosine_schedule(step, args.steps, base_lr(spec, args), 0.0)
+            if spec["teacher"] == "ema":  # DINO Sec. 3.1 and BYOL Sec. 3.2: momentum 0.996 -> 1, cosine
+                ema_momentum = cosine_schedule(step, args.steps, args.ema_start, 1.0)
+            else:  # copy-each-epoch: the student replaces the teacher after the last step of an epoch
+                ema_momentum = 0.0 if spec["teacher"] == "copy" and (step + 1) % steps_per_epoch == 0 else None
+            metrics = train_step(model, optimizer, data["train_x"][batch_indices], spec, lr, ema_momentum, data,
+                                 compute)
+            sums = {key: sums.get(key, 0) + value for key, value in metrics.items()}
+            step += 1
+            evaluate_now = step % args.eval_every == 0 or step == args.steps
+            if evaluate_now or step % args.log_every == 0:
+                done, logged_step = step - logged_step, step  # means over the steps since the last row
+                row = dict(regime=name, step=step, **{key: total.item() / done for key, total in sums.items()},
+                           lr=lr, seconds=time.time() - start)
+                stop_regime_if_not_finite(row["loss"], step, name)
+                sums = {}
+                if evaluate_now:
+                    metrics, spectrum = evaluate(model, data, args, compute)
+                    row.update(metrics)
+                    speed = step * args.batch_size / row["seconds"]
+                    shown = {key: value for key, value in row.items() if key not in ("step", "lr", "seconds")
+                             and isinstance(value, float)}
+                    print(progress_line(f"{name:>18} step {step}/{args.steps}", dict(
+                        shown, images_per_s=speed, eta=format_seconds((args.steps - step) * args.batch_size / speed))),
+                        flush=True)
+                history.append(row)
+            if step == args.steps:
+                break
+        epoch += 1
+    return history, spectrum
 
 
-def effective_rank(z):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
-    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
-    s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
-    p = s / s.sum()
-    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+def base_lr(spec, args):
+    """The regime's learning rate at the run's batch size: --lr and --vit-lr are given for batch 256."""
+    return (args.vit_lr if spec["family"] == "vit" else args.lr) * args.batch_size / 256
 
 
-def energy_spectrum(z):
-    """Squared singular values of the l2-normalised embedding over their sum, largest first: the share
-    of the embedding's energy along each principal direction (eigenvalues of its uncentred second
-    moment). About 1/d each when the outputs fill the sphere; one share near 1 and the rest near 0
-    when every output points the same way."""
-    energy = torch.linalg.svdvals(F.normalize(z.float(), dim=1)).square()
-    return energy / energy.sum()
+def stop_regime_if_not_finite(loss, step, regime):
+    """A NaN/inf loss ends the run; the regimes finished before it keep their outputs."""
+    if not math.isfinite(loss):
+        fail(f"{regime}: loss is {loss} at step {step}; stopped (earlier regimes are saved); "
+             f"try a lower --lr or --vit-lr")
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation: kNN monitor on the backbone features
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def embed(network, images, mean, std, batch_size=1024):
-    """Features of un-augmented uint8 images, in eval mode (batch norm on running statistics)."""
-    out = []
-    for chunk in images.split(batch_size):
-        x = (chunk.float() / 255 - mean) / std
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
-            out.append(network(x).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def knn_top1(train_features, train_labels, test_features, test_labels, k, temperature, chunk=1024):
-    """Weighted kNN (Wu et al. 2018): the k most cosine-similar training images vote for their
-    class with weight exp(similarity / temperature). Returns the top-1 accuracy on the test set."""
-    train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
-    num_classes = int(train_labels.max()) + 1
-    k = min(k, len(train_features))
-    correct = torch.zeros((), device=test_features.device)
-    for features, labels in zip(test_features.split(chunk), test_labels.split(chunk)):
-        similarity, index = (features @ train_features.T).topk(k, dim=1)
-        votes = torch.zeros(len(features), num_classes, device=features.device)
-        votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
-        correct += (votes.argmax(dim=1) == labels).sum()
-    return correct.item() / len(test_labels)
-
-
-def evaluate(model, data, args):
+def evaluate(model, data, args, compute):
     """kNN top-1 on backbone features; effective rank, collapse metric and spectrum of the test
     embedding, the (l2-normalised) output the loss acts on."""
     model.eval()
-    train_features = model.pool(embed(model.backbone, data["train_x"], data["mean"], data["std"]))
-    test_output = embed(model.backbone, data["test_x"], data["mean"], data["std"])
+    train_features = model.pool(embed(model.backbone, data["train_x"], data["mean"], data["std"], compute))
+    test_output = embed(model.backbone, data["test_x"], data["mean"], data["std"], compute)
     with torch.no_grad():
         test_embedding = model.embedding(test_output)
     model.train()
@@ -659,13 +451,13 @@ def evaluate(model, data, args):
     return metrics, energy_spectrum(test_embedding).tolist()
 
 
-# ------------------------------------------------------------------------------------------------
-# Metrics and plots
-# ------------------------------------------------------------------------------------------------
-def write_metrics(history, out_dir):
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out_dir / "metrics.jsonl")
+def energy_spectrum(z):
+    """Squared singular values of the l2-normalised embedding over their sum, largest first: the share
+    of the embedding's energy along each principal direction (eigenvalues of its uncentred second
+    moment). About 1/d each when the outputs fill the sphere; one share near 1 and the rest near 0
+    when every output points the same way."""
+    energy = torch.linalg.svdvals(F.normalize(z.float(), dim=1)).square()
+    return energy / energy.sum()
 
 
 def write_summary(summary, args, out_dir):
@@ -720,9 +512,109 @@ def plot_regimes(history, summary, path, chance):
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
+def build_parser():
+    """The demo's flags; the recipe's defaults come from RECIPE."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"], help="image source")
+    add("--data-dir", default="./data", help="download folder (cifar) or DIR with train/ and test/ (folder)")
+    add("--img-size", type=number_type(int, lambda value: value >= 8, ">= 8"), help="images are resized once to this")
+    add("--subset", type=non_negative_int, help="train on a random N training images, the kNN memory bank too (0: all)")
+    add("--regimes", default=",".join(REGIMES), help="comma-separated, from: " + ", ".join(REGIMES))
+    add("--steps", type=positive_int, help="optimisation steps per regime; the schedules span them")
+    add("--batch-size", type=positive_int, help="images per step")
+    add("--lr", type=positive_float, help="SGD learning rate of the ResNet-18 regimes for batch 256, scaled")
+    add("--weight-decay", type=non_negative_float, help="of the SGD (ResNet-18) regimes")
+    add("--momentum", type=fraction_below_one, help="of the SGD (ResNet-18) regimes")
+    add("--eval-every", type=positive_int, default=25, help="steps between kNN evaluations")
+    add("--log-every", type=positive_int, default=10, help="steps between logged points of loss and collapse")
+    add("--knn-k", type=positive_int, help="neighbours that vote in the kNN monitor")
+    add("--knn-t", type=positive_float, help="temperature of the kNN vote weights")
+    add("--device", default="auto", help="auto, cuda, mps or cpu")
+    add("--compile", action="store_true", help="torch.compile the training forward pass")
+    add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
+    add("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
+    add("--patch-size", type=positive_int, help="ViT patch size")
+    add("--dim", type=positive_int, help="ViT width")
+    add("--depth", type=positive_int, help="ViT blocks")
+    add("--heads", type=positive_int, help="attention heads per block")
+    add("--mlp-dim", type=positive_int, help="hidden width of the blocks' MLP")
+    add("--head-hidden", type=positive_int, help="hidden width of the ViT head")
+    add("--head-dim", type=positive_int, help="classes of the per-token softmax")
+    add("--vit-lr", type=positive_float, help="AdamW learning rate of the ViT regimes for batch 256, scaled")
+    add("--vit-weight-decay", type=non_negative_float, help="AdamW weight decay")
+    add("--student-temp", type=positive_float, help="student temperature of ema-center-sharpen")
+    add("--teacher-temp", type=positive_float, help="teacher temperature of ema-center-sharpen")
+    add("--center-momentum", type=fraction, help="EMA momentum of the centre (ema-center-sharpen)")
+    add("--proj-hidden", type=positive_int, help="hidden width of the projector")
+    add("--proj-dim", type=positive_int, help="output width of the projector and predictor")
+    add("--pred-hidden", type=positive_int, help="hidden width of the predictor")
+    add("--ema-start", type=fraction, help="EMA momentum of the teacher/target at step 0 (cosine to 1)")
+    parser.set_defaults(**RECIPE)
+    return parser
+
+
+def get_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.regimes = [name.strip() for name in args.regimes.split(",") if name.strip()]
+    unknown = [name for name in args.regimes if name not in REGIMES]
+    if unknown or not args.regimes:
+        parser.error(f"--regimes: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; "
+                     f"choose from {', '.join(REGIMES)}")
+    if len(set(args.regimes)) != len(args.regimes):
+        parser.error("--regimes names a regime twice")
+    if any(REGIMES[name]["family"] == "vit" for name in args.regimes):
+        if args.dim % args.heads:
+            parser.error(f"--dim {args.dim} must be a multiple of --heads {args.heads}")
+        if args.img_size % args.patch_size:
+            parser.error(f"--patch-size {args.patch_size} must divide --img-size {args.img_size}")
+    return args
+
+
+# ================================================================================================
+# Shared plumbing: identical in every training script (tests/test_shared.py checks it), and
+# skippable on a first read. Command line, data, augmentation, metrics, kNN monitor, checkpoints,
+# plots.
+# ================================================================================================
+def fail(message):
+    """Stop with a one-line error and a non-zero exit code."""
+    raise SystemExit(f"{SCRIPT}.py: error: {message}")
+
+
+def number_type(cast, accepts, rule):
+    """An argparse type: a finite number of type `cast` for which accepts(value) holds (NaN never does)."""
+    def parse(text):
+        value = cast(text)  # a ValueError becomes argparse's own "invalid int value" message
+        if not (math.isfinite(value) and accepts(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+positive_int = number_type(int, lambda value: value > 0, "> 0")
+non_negative_int = number_type(int, lambda value: value >= 0, ">= 0")
+positive_float = number_type(float, lambda value: value > 0, "> 0")
+non_negative_float = number_type(float, lambda value: value >= 0, ">= 0")
+fraction = number_type(float, lambda value: 0 <= value <= 1, "in [0, 1]")
+fraction_below_one = number_type(float, lambda value: 0 <= value < 1, "in [0, 1)")
+
+
+# A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
+# --eval-every, --log-every and --data-dir when given again.
+def compute_settings(device_name):
+    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
+    (tensor cores), float32 and the default layout elsewhere."""
+    device = pick_device(device_name)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
+                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+
+
 def pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
@@ -739,6 +631,19 @@ def pick_device(name):
     return device
 
 
+def progress_line(head, values):
+    """The one format of every progress line: `head | name value | ...`."""
+    formats = dict(loss="loss {:.4f}", knn_top1="knn {:.2%}", erank="erank {:.1f}", lr="lr {:.3g}",
+                   images_per_s="{:.0f} img/s", epoch_time_s="{:.1f} s/epoch", eta="eta {}")
+    return " | ".join([head] + [formats.get(name, name + " {:.3f}").format(value) for name, value in values.items()])
+
+
+def format_seconds(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+# --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
 def prepare_data(args, device):
     data = load_dataset(args)
     if args.subset:
@@ -753,115 +658,290 @@ def prepare_data(args, device):
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
 
 
-def stop_regime_if_not_finite(loss, step, regime):
-    """A NaN/inf loss ends the run; the regimes finished before it keep their outputs."""
-    if not math.isfinite(loss):
-        fail(f"{regime}: loss is {loss} at step {step}; stopped (earlier regimes are saved); "
-             f"try a lower --lr or --vit-lr")
+def load_dataset(args):
+    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
+    if args.dataset == "synthetic":
+        return synthetic_dataset(args.img_size, seed=args.seed)
+    if args.dataset == "folder":
+        root = Path(args.data_dir)
+        train_x, train_y, classes = read_image_folder(root / "train", args.img_size)
+        test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
+        if test_classes != classes:
+            fail(f"{root}/train and {root}/test have different class folders")
+        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+
+    cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        splits = [cifar(args.data_dir, train=train, download=True) for train in (True, False)]
+    except Exception as error:  # offline, partial download, corrupt archive
+        fail(f"could not load {args.dataset} into {args.data_dir} ({type(error).__name__}: {error}); "
+             f"offline, point --data-dir at a folder holding the extracted "
+             f"{'cifar-10-batches-py' if args.dataset == 'cifar10' else 'cifar-100-python'}, "
+             f"or use --dataset folder")
+    (train_x, train_y), (test_x, test_y) = [
+        (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in splits]
+    if args.img_size != train_x.shape[-1]:
+        train_x, test_x = (resize_uint8(x, args.img_size) for x in (train_x, test_x))
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=splits[0].classes)
 
 
-def format_seconds(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+def resize_uint8(images, size):
+    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 in, uint8 out)."""
+    return TF.center_crop(TF.resize(images, size, antialias=True), size)
 
 
-def train_regime(name, args, data, device):
-    """Train one regime for --steps steps. Every regime starts from the same seed, so the regimes of
-    a family share their initial weights and see the same batches and augmentations."""
-    spec = REGIMES[name]
-    torch.manual_seed(args.seed)
-    model = build_model(spec, args).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if spec["family"] == "vit":
-        lr = args.vit_lr * args.batch_size / 256
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=args.vit_weight_decay)
-    else:
-        lr = args.lr * args.batch_size / 256
-        optimizer = torch.optim.SGD(trainable, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    train_model = torch.compile(model) if args.compile else model
-    student_view, teacher_view = VIEWS[spec["family"]]
-    steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    history, spectrum, step, epoch, logged_step = [], None, 0, 0, 0
-    start = time.time()
-    loss_sum = torch.zeros((), device=device)
-    collapse_sum = torch.zeros((), device=device)
-    while step < args.steps:
-        # All randomness of an epoch follows from (seed, epoch), the same for every regime.
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        order = torch.randperm(len(data["train_x"]), device=device)
-        for index in order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
-            lr_now = cosine_schedule(step, args.steps, lr, 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            images = data["train_x"][index]
-            view1 = augment(images, student_view, data["mean"], data["std"])
-            view2 = augment(images, teacher_view, data["mean"], data["std"])
-            with autocast:
-                loss, embedding = train_model(view1, view2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if spec["teacher"] == "ema":  # DINO Sec. 3.1 and BYOL Sec. 3.2: momentum 0.996 -> 1, cosine
-                model.update_teacher(cosine_schedule(step, args.steps, args.ema_start, 1.0))
-            elif spec["teacher"] == "copy" and (step + 1) % steps_per_epoch == 0:
-                model.update_teacher(0.0)
-            loss_sum += loss.detach()
-            collapse_sum += collapse_metric(embedding.detach())
-            step += 1
-            evaluate_now = step % args.eval_every == 0 or step == args.steps
-            if evaluate_now or step % args.log_every == 0:
-                done, logged_step = step - logged_step, step  # means over the steps since the last row
-                row = dict(regime=name, step=step, loss=loss_sum.item() / done, collapse=collapse_sum.item() / done,
-                           lr=lr_now, seconds=time.time() - start)
-                stop_regime_if_not_finite(row["loss"], step, name)
-                loss_sum.zero_()
-                collapse_sum.zero_()
-                if evaluate_now:
-                    metrics, spectrum = evaluate(model, data, args)
-                    row.update(metrics)
-                    speed = step * args.batch_size / row["seconds"]
-                    print(f"{name:>18} step {step}/{args.steps} | loss {row['loss']:.4f} | "
-                          f"collapse {row['collapse']:.3f} | erank {row['erank']:.1f} | "
-                          f"knn {100 * row['knn_top1']:.2f}% | {speed:.0f} img/s | "
-                          f"eta {format_seconds((args.steps - step) * args.batch_size / speed)}", flush=True)
-                history.append(row)
-            if step == args.steps:
-                break
-        epoch += 1
-    return history, spectrum
+def read_image_folder(root, img_size):
+    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor."""
+    try:
+        folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
+    except OSError as error:  # missing folder, no class folders, or no images in them
+        fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
+    images = []
+    for position, (path, _) in enumerate(folder.samples):
+        try:
+            image, _ = folder[position]
+        except Exception as error:
+            fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
+        images.append(resize_uint8(image, img_size))
+    return torch.stack(images), torch.tensor(folder.targets), folder.classes
 
 
-def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
-    out_dir = Path(args.out_dir) if args.out_dir else Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = True
+def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
+    """Class-structured images: each class is a colour grating of its own orientation and frequency,
+    drawn with a random phase, contrast and noise per image, so augmentations keep the class visible
+    and a network can learn it within a few CPU steps."""
+    gen = torch.Generator().manual_seed(seed)
+    angle = torch.rand(num_classes, generator=gen) * math.pi
+    freq = 1.5 + 2.5 * torch.rand(num_classes, generator=gen)
+    colour = torch.rand(num_classes, 3, generator=gen)
+    coords = torch.linspace(0, 1, img_size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
 
-    data = prepare_data(args, device)
-    print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {device}, "
-          f"{args.steps} steps per regime, regimes {', '.join(args.regimes)}, writing to {out_dir}")
-    history, summary = [], {}
-    for name in args.regimes:
-        rows, spectrum = train_regime(name, args, data, device)
-        history += rows
-        last = rows[-1]
-        summary[name] = dict(family=REGIMES[name]["family"], loss=last["loss"], collapse=last["collapse"],
-                             eval_collapse=last["eval_collapse"], erank=last["erank"], knn_top1=last["knn_top1"],
-                             seconds=last["seconds"], spectrum=spectrum)
-        write_metrics(history, out_dir)
-        write_summary(summary, args, out_dir)
-        plot_regimes(history, summary, out_dir / f"{SCRIPT}.png", 1 / len(data["classes"]))
+    def make(n):
+        labels = torch.arange(n) % num_classes
+        phase = 2 * math.pi * torch.rand(n, 1, 1, generator=gen)
+        a, f = angle[labels, None, None], freq[labels, None, None]
+        grating = torch.sin(2 * math.pi * f * (xx * torch.cos(a) + yy * torch.sin(a)) + phase)
+        contrast = 0.3 + 0.2 * torch.rand(n, 1, 1, 1, generator=gen)
+        images = 0.5 + contrast * grating[:, None] * (2 * colour[labels, :, None, None] - 1)
+        images = images + 0.05 * torch.randn(n, 3, img_size, img_size, generator=gen)
+        return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
-    print(f"{'regime':>18} | {'loss':>8} | collapse | erank | kNN top-1")
-    for name, s in summary.items():
-        print(f"{name:>18} | {s['loss']:8.4f} | {s['collapse']:8.3f} | {s['erank']:5.1f} | {100 * s['knn_top1']:.2f}%")
-    print(f"done: outputs in {out_dir}")
-    return summary
+    (train_x, train_y), (test_x, test_y) = make(n_train), make(n_test)
+    return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                classes=[f"class{c}" for c in range(num_classes)])
+
+
+# --- augmentation: batched on the device, every random parameter drawn per image ------------------
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def augment(images, view, mean, std, memory_format, out_size=None):
+    """One random view of every image at out_size x out_size (default: the images' size), normalised, in
+    the run's memory layout. A view with blur blurs last, after solarization where DINO and BYOL blur
+    first: the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    batch, _, height, width = images.shape
+    params = sample_view_params(batch, height, width, view, images.device)
+    x = apply_view(images, params, out_size or height)
+    if view["blur"]:
+        blurred, sigma = sample_blur(batch, view, images.device)
+        x = torch.where(blurred.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1])), x)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+
+def sample_view_params(batch, height, width, view, device):
+    """Draw one set of augmentation parameters per image (torchvision's distributions)."""
+    crop = sample_crop_boxes(batch, height, width, view["crop_scale"], CROP_RATIO, device)
+    jitter = torch.rand(batch, device=device) < view["jitter"]
+
+    def factor(strength):  # torchvision's ColorJitter: uniform in [max(0, 1 - s), 1 + s]
+        drawn = torch.empty(batch, device=device).uniform_(max(0.0, 1 - strength), 1 + strength)
+        return torch.where(jitter, drawn, 1.0)
+
+    # Columns: brightness, contrast, saturation, hue. A factor of 1 (a shift of 0) is the identity.
+    factors = torch.stack([factor(view["brightness"]), factor(view["contrast"]), factor(view["saturation"]),
+                           torch.ones(batch, device=device)], dim=1)
+    hue_shift = torch.where(jitter, torch.empty(batch, device=device).uniform_(-view["hue"], view["hue"]), 0.0)
+    return dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
+                factors=factors, hue_shift=hue_shift,
+                jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
+                grayscale=torch.rand(batch, device=device) < view["grayscale"],
+                solarize=torch.rand(batch, device=device) < view["solarize"])
+
+
+def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
+    """torchvision's RandomResizedCrop.get_params for a whole batch: the first of `tries` random
+    boxes that fits, else the whole image (the images are square: no ratio to clamp). Returns
+    (top, left, h, w)."""
+    area = height * width
+    target_area = area * torch.empty(batch, tries, device=device).uniform_(*scale)
+    aspect = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
+    w = (target_area * aspect).sqrt().round()
+    h = (target_area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    found = fits.any(dim=1)
+    w = torch.where(found, w, float(width))
+    h = torch.where(found, h, float(height))
+    top = torch.where(found, (torch.rand(batch, device=device) * (height - h + 1)).floor(), (height - h) // 2)
+    left = torch.where(found, (torch.rand(batch, device=device) * (width - w + 1)).floor(), (width - w) // 2)
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def apply_view(images, params, out_size):
+    """uint8 (B, 3, H, W) on the device -> augmented float images in [0, 1]."""
+    x = crop_flip_resize(images.float().div_(255), params["crop"], params["flip"], out_size)
+    x = color_jitter(x, params["factors"], params["hue_shift"], params["jitter_order"], params["jitter"])
+    x = torch.where(params["grayscale"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+    # Solarize at 0.5 (invert every value above it) is min(x, 1 - x).
+    return torch.where(params["solarize"].view(-1, 1, 1, 1), torch.minimum(x, 1 - x), x)
+
+
+def crop_flip_resize(images, crop, flip, out_size):
+    """Crop every image to its own box, mirror it if flip, and resize to out_size, in one bilinear
+    grid_sample. Equals torchvision's resized_crop (+ hflip) when enlarging; shrinking skips its
+    antialiasing."""
+    batch, _, height, width = images.shape
+    top, left, h, w = (t.unsqueeze(1) for t in crop.unbind(1))
+    centres = (torch.arange(out_size, device=images.device) + 0.5) / out_size
+    # Where each output pixel centre falls in the input, in pixels, kept between the box's outer
+    # pixel centres (as cropping before resizing does), then in grid_sample's [-1, 1] coordinates.
+    xs = (left + w * torch.where(flip.unsqueeze(1), 1 - centres, centres)).clamp(left + 0.5, left + w - 0.5)
+    ys = (top + h * centres).clamp(top + 0.5, top + h - 0.5)
+    grid = torch.stack(torch.broadcast_tensors(2 * xs[:, None, :] / width - 1, 2 * ys[:, :, None] / height - 1),
+                       dim=-1)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(images, factors, hue_shift, jitter_order, jitter):
+    """ColorJitter with a random order per image. Brightness, contrast and saturation are blends;
+    hue is not, so it is applied once for the whole batch and every blend is placed before or
+    after it according to the image's own order."""
+    hue_position = (jitter_order == 3).int().argmax(dim=1)
+    for before_hue, positions in ((True, range(3)), (False, range(1, 4))):
+        for position in positions:
+            op = jitter_order[:, position]
+            due = position < hue_position if before_hue else position > hue_position
+            factor = torch.where(due, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
+            images = blend(images, op, factor)
+        if before_hue:
+            images = torch.where(jitter.view(-1, 1, 1, 1), adjust_hue(images, hue_shift), images)
+    return images
+
+
+def blend(images, op, factor):
+    """torchvision's brightness (op 0), contrast (op 1) and saturation (op 2), chosen per image:
+    each blends the image with a reference (black, mean grey, grey image) and clamps to [0, 1]."""
+    gray = rgb_to_grayscale(images)
+    op = op.view(-1, 1, 1, 1)
+    reference = torch.addcmul((op == 1) * gray.mean(dim=(1, 2, 3), keepdim=True), gray, op == 2)
+    return torch.lerp(reference, images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_hue(images, shift):
+    """torchvision's adjust_hue per image: rotate the hue of HSV by `shift` (a fraction of the circle).
+    A hue rotation keeps each pixel's max and min channel, so RGB = min + (max - min) * ramp(hue),
+    with ramp the fully saturated colour of that hue; the hue is measured in sextants (0..6)."""
+    r, g, b = images.split(1, dim=1)
+    maxc, minc = images.amax(dim=1, keepdim=True), images.amin(dim=1, keepdim=True)
+    spread = maxc - minc
+    # HSV hue in sextants: 0 + (g - b) / spread where red is largest, 2 + ... green, 4 + ... blue.
+    sextant = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * spread + b - r, 4 * spread + r - g))
+    sextant = (sextant / spread.clamp_min(1e-12) + 6 * shift.view(-1, 1, 1, 1)) % 6
+    # Red, green and blue peak at sextants 0, 2 and 4 (arange fills on the device: no host copy).
+    peaks = torch.arange(0, 6, 2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    distance = (sextant - peaks).abs()
+    ramp = (2 - torch.minimum(distance, 6 - distance)).clamp_(0, 1)
+    return torch.addcmul(minc, spread, ramp)
+
+
+def rgb_to_grayscale(images):
+    """ITU-R 601-2 luma, as torchvision: (B, 3, H, W) -> (B, 1, H, W)."""
+    r, g, b = images.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def sample_blur(batch, view, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]."""
+    return (torch.rand(batch, device=device) < view["blur"],
+            torch.empty(batch, device=device).uniform_(*view["blur_sigma"]))
+
+
+def blur_kernel_size(crop_size):
+    """SimCLR's and BYOL's Gaussian kernel, 10% of the crop (23 taps at 224 px), odd, at least 3 taps."""
+    return max(3, 2 * round((0.1 * crop_size - 1) / 2) + 1)
+
+
+def gaussian_blur(images, sigma, kernel_size):
+    """torchvision's gaussian_blur (reflect padding, a normalised kernel exp(-x^2 / 2 sigma^2) over
+    kernel_size taps) with each image's own sigma. The kernel is separable: every channel of every
+    image is one group of a 1-D convolution along the rows, then one along the columns."""
+    batch, channels, height, width = images.shape
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
+    kernels = torch.softmax(-0.5 * (taps / sigma.unsqueeze(1)) ** 2, dim=1).repeat_interleave(channels, dim=0)
+    padded = F.pad(images, (half,) * 4, mode="reflect").view(1, batch * channels, height + 2 * half, -1)
+    rows = F.conv2d(padded, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    return F.conv2d(rows, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels).view_as(images)
+
+
+# --- schedules, collapse metrics and the kNN monitor ----------------------------------------------
+def cosine_schedule(step, total_steps, start, end, warmup_steps=0):
+    """Linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
+    if step < warmup_steps:
+        return start * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def collapse_metric(z):
+    """Std over the batch of the l2-normalised outputs, averaged over dimensions, times sqrt(d):
+    about 1 when outputs spread over the sphere, 0 when every image maps to the same point."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+
+
+def effective_rank(z):
+    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
+    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
+    s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
+    distribution = s / s.sum()
+    return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
+
+
+@torch.no_grad()
+def embed(network, images, mean, std, compute, batch_size=1024):
+    """Features of un-augmented uint8 images, with the network in eval mode (whatever it has of batch
+    norm on running statistics, drop-path off)."""
+    out = []
+    for chunk in images.split(batch_size):
+        x = ((chunk.float() / 255 - mean) / std).contiguous(memory_format=compute.memory_format)
+        with compute.autocast:
+            out.append(network(x).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_top1(train_features, train_labels, test_features, test_labels, k, temperature, chunk=1024):
+    """Weighted kNN (Wu et al. 2018): the k most cosine-similar training images vote for their
+    class with weight exp(similarity / temperature). Returns the top-1 accuracy on the test set."""
+    train_features, test_features = F.normalize(train_features, dim=1), F.normalize(test_features, dim=1)
+    num_classes = int(train_labels.max()) + 1
+    k = min(k, len(train_features))
+    correct = torch.zeros((), device=test_features.device)
+    for features, labels in zip(test_features.split(chunk), test_labels.split(chunk)):
+        similarity, neighbours = (features @ train_features.T).topk(k, dim=1)
+        votes = torch.zeros(len(features), num_classes, device=features.device)
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
+        correct += (votes.argmax(dim=1) == labels).sum()
+    return correct.item() / len(test_labels)
+
+
+# --- checkpoints, metrics and plots ---------------------------------------------------------------
+def write_metrics(history, out_dir):
+    tmp = out_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out_dir / "metrics.jsonl")
 
 
 if __name__ == "__main__":

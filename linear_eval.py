@@ -30,6 +30,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -120,9 +121,9 @@ def read_image_folder(root, img_size):
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
     images = []
-    for index, (path, _) in enumerate(folder.samples):
+    for position, (path, _) in enumerate(folder.samples):
         try:
-            image, _ = folder[index]
+            image, _ = folder[position]
         except Exception as error:
             fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
@@ -185,7 +186,8 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
     """torchvision's RandomResizedCrop.get_params for a whole batch: the first of `tries` random
-    boxes that fits, else the whole image with the ratio clamped. Returns (top, left, h, w)."""
+    boxes that fits, else the whole image (the images are square: no ratio to clamp). Returns
+    (top, left, h, w)."""
     area = height * width
     target_area = area * torch.empty(batch, tries, device=device).uniform_(*scale)
     aspect = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
@@ -194,16 +196,9 @@ def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(dim=1, keepdim=True)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-
-    if width / height < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
     found = fits.any(dim=1)
-    w = torch.where(found, w, float(fallback_w))
-    h = torch.where(found, h, float(fallback_h))
+    w = torch.where(found, w, float(width))
+    h = torch.where(found, h, float(height))
     top = torch.where(found, (torch.rand(batch, device=device) * (height - h + 1)).floor(), (height - h) // 2)
     left = torch.where(found, (torch.rand(batch, device=device) * (width - w + 1)).floor(), (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
@@ -357,20 +352,19 @@ def file_sha256(path):
 # Features: computed once per (checkpoint, dataset) and cached next to the checkpoint
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed(network, images, mean, std, batch_size=1024):
-    """Features of un-augmented uint8 images, in eval mode (batch norm on running statistics)."""
+def embed(network, images, mean, std, compute, batch_size=1024):
+    """Features of un-augmented uint8 images, with the network in eval mode (whatever it has of batch
+    norm on running statistics, drop-path off)."""
     out = []
     for chunk in images.split(batch_size):
-        x = (chunk.float() / 255 - mean) / std
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        x = ((chunk.float() / 255 - mean) / std).contiguous(memory_format=compute.memory_format)
+        with compute.autocast:
             out.append(network(x).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def embed_crop_flip(network, images, mean, std, batch_size=4096):
+def embed_crop_flip(network, images, mean, std, compute, batch_size=4096):
     """Features of one random crop+flip per image (the SimSiam/MoCo linear-protocol augmentation)."""
     out = []
     for chunk in images.split(batch_size):
@@ -378,14 +372,14 @@ def embed_crop_flip(network, images, mean, std, batch_size=4096):
         crop = sample_crop_boxes(batch, height, width, (0.08, 1.0), CROP_RATIO, chunk.device)
         flip = torch.rand(batch, device=chunk.device) < 0.5
         # Bilinear resampling is linear in the intensities, so it runs on the 0..255 values embed() takes.
-        out.append(embed(network, crop_flip_resize(chunk.float(), crop, flip, height), mean, std))
+        out.append(embed(network, crop_flip_resize(chunk.float(), crop, flip, height), mean, std, compute))
     return torch.cat(out)
 
 
-def compute_features(backbone, data):
+def compute_features(backbone, data, compute):
     """Backbone features of the train and test images, with their labels and the class names."""
-    return dict(train=embed(backbone, data["train_x"], data["mean"], data["std"]), train_y=data["train_y"],
-                test=embed(backbone, data["test_x"], data["mean"], data["std"]), test_y=data["test_y"],
+    return dict(train=embed(backbone, data["train_x"], data["mean"], data["std"], compute), train_y=data["train_y"],
+                test=embed(backbone, data["test_x"], data["mean"], data["std"], compute), test_y=data["test_y"],
                 classes=data["classes"])
 
 
@@ -438,18 +432,18 @@ def train_linear(features, args, augmented_features=None):
     for epoch in range(args.epochs):
         epoch_features = augmented_features() if augmented_features else train_features
         classifier.train()
-        order = torch.randperm(len(epoch_features), device=epoch_features.device)
+        permutation = torch.randperm(len(epoch_features), device=epoch_features.device)
         loss_sum = torch.zeros((), device=epoch_features.device)
         correct = torch.zeros((), device=epoch_features.device)
-        for index in order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
-            logits = classifier(epoch_features[index])
-            loss = F.cross_entropy(logits, labels[index])
+        for batch_indices in permutation[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1):
+            logits = classifier(epoch_features[batch_indices])
+            loss = F.cross_entropy(logits, labels[batch_indices])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             loss_sum += loss.detach()
-            correct += (logits.argmax(dim=1) == labels[index]).sum()
+            correct += (logits.argmax(dim=1) == labels[batch_indices]).sum()
         top1, _, _ = test_accuracy(classifier, features["test"], features["test_y"], num_classes)
         history.append(dict(epoch=epoch + 1, loss=loss_sum.item() / steps_per_epoch,
                             train_top1=correct.item() / (steps_per_epoch * args.batch_size), test_top1=top1))
@@ -486,9 +480,9 @@ def knn_top1(train_features, train_labels, test_features, test_labels, k, temper
     k = min(k, len(train_features))
     correct = torch.zeros((), device=test_features.device)
     for features, labels in zip(test_features.split(chunk), test_labels.split(chunk)):
-        similarity, index = (features @ train_features.T).topk(k, dim=1)
+        similarity, neighbours = (features @ train_features.T).topk(k, dim=1)
         votes = torch.zeros(len(features), num_classes, device=features.device)
-        votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
         correct += (votes.argmax(dim=1) == labels).sum()
     return correct.item() / len(test_labels)
 
@@ -531,6 +525,16 @@ def plot_result(result, path):
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
+def compute_settings(device_name):
+    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
+    (tensor cores), float32 and the default layout elsewhere."""
+    device = pick_device(device_name)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
+                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+
+
 def pick_device(name):
     if name == "auto":
         if torch.cuda.is_available():
@@ -552,7 +556,8 @@ def main(argv=None):
     checkpoint_path = Path(args.checkpoint)
     checkpoint = load_checkpoint(checkpoint_path)
     backbone = build_backbone(checkpoint, checkpoint_path)
-    device = pick_device(args.device)
+    compute = compute_settings(args.device)
+    device = compute.device
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -565,11 +570,9 @@ def main(argv=None):
     data_start = time.time()
     data = prepare_data(source, checkpoint, device) if args.aug or not from_cache else None
     data_time = time.time() - data_start
-    backbone = backbone.to(device)
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
+    backbone = backbone.to(device, memory_format=compute.memory_format)
     if not from_cache:
-        features = compute_features(backbone, data)
+        features = compute_features(backbone, data, compute)
         write_feature_cache(cache_path, key, features)
     feature_time = time.time() - start - data_time  # hashing, and reading or computing and writing the cache
     train_features, test_features = features["train"], features["test"]
@@ -580,7 +583,8 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is larger than the {len(train_features)} training images")
 
     start = time.time()
-    augmented = (lambda: embed_crop_flip(backbone, data["train_x"], data["mean"], data["std"])) if args.aug else None
+    augmented = (lambda: embed_crop_flip(backbone, data["train_x"], data["mean"], data["std"], compute)) if args.aug \
+        else None
     classifier, history = train_linear(features, args, augmented)
     train_time = time.time() - start
     top1, top5, per_class = test_accuracy(classifier, test_features, features["test_y"], len(features["classes"]))

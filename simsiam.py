@@ -15,6 +15,8 @@ Usage:
     python simsiam.py --no-stop-grad --epochs 5                     # Sec. 4.1, Fig. 2: collapses
     python simsiam.py --no-predictor --epochs 5                     # Table 1a: collapses
     python simsiam.py --fixed-predictor --epochs 5                  # Table 1b: does not learn
+
+Result of the default command: not yet measured (no GPU run so far; the CPU checks are in the README).
 """
 import argparse
 import json
@@ -22,6 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -31,96 +34,433 @@ from torchvision.transforms.v2 import functional as TF
 
 SCRIPT = Path(__file__).stem
 
+# ------------------------------------------------------------------------------------------------
+# Hyperparameters: the recipe in one place. Each entry is the default of the flag of the same name
+# (batch_size is --batch-size); the comment says where the value comes from.
+# ------------------------------------------------------------------------------------------------
+RECIPE = dict(
+    epochs=100,          # the length of the reproduction's CIFAR-10 tables (KTH report, Table 1)
+    batch_size=512,      # SimSiam Appendix D (CIFAR-10)
+    lr=0.03,             # per 256 images, scaled by batch/256: Appendix D, base lr 0.03
+    momentum=0.9,        # Appendix D
+    weight_decay=5e-4,   # Appendix D
+    warmup_epochs=0,     # Appendix D: a cosine decay from the start, no warm-up
+    proj_hidden=2048,    # Appendix D: a 2-layer projector 2048 -> 2048 for CIFAR
+    proj_dim=2048,
+    pred_hidden=512,     # Sec. 3: the bottleneck predictor 2048 -> 512 -> 2048
+    fix_pred_lr=True,    # Sec. 4.2, Table 1c and the official code: the predictor's lr is not decayed
+    knn_k=200,           # the kNN monitor of Wu et al. 2018: 200 neighbours, temperature 0.1
+    knn_t=0.1,
+)
+# Augmentation: SimSiam Appendix D (CIFAR): crop scale 0.2-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1)
+# with probability 0.8, grayscale 0.2, no blur, no solarization. Both views are drawn the same way.
+VIEW = dict(crop_scale=(0.2, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+            grayscale=0.2, solarize=0.0, blur=0.0)
+VIEWS = (VIEW, VIEW)
 
+
+# ------------------------------------------------------------------------------------------------
+# The method: model, loss, optimiser and the update of one training step
+# ------------------------------------------------------------------------------------------------
+def cifar_resnet18():
+    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution, no max-pool,
+    no classifier, so a 32x32 image keeps enough resolution and the output is 512-d."""
+    net = torchvision.models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def mlp(in_dim, hidden_dim, out_dim, out_bn):
+    """SimSiam's projector (out_bn) and predictor (Sec. 3): Linear -> BatchNorm -> ReLU -> Linear, the
+    projector with batch norm on its output too. A Linear followed by batch norm needs no bias."""
+    layers = [nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+              nn.Linear(hidden_dim, out_dim, bias=not out_bn)]
+    return nn.Sequential(*layers, nn.BatchNorm1d(out_dim, affine=False)) if out_bn else nn.Sequential(*layers)
+
+
+class SimSiam(nn.Module):
+    """predictor: "learned", or Table 1's "identity" (a) or "fixed" at initialisation (b); Fig. 2: stop_grad=False."""
+
+    def __init__(self, proj_hidden, proj_dim, pred_hidden, stop_grad=True, predictor="learned"):
+        super().__init__()
+        self.backbone = cifar_resnet18()
+        self.projector = mlp(512, proj_hidden, proj_dim, out_bn=True)
+        self.predictor = (nn.Identity() if predictor == "identity"
+                          else mlp(proj_dim, pred_hidden, proj_dim, out_bn=False))
+        self.predictor.requires_grad_(predictor == "learned")
+        self.stop_grad = stop_grad
+
+    def forward(self, view1, view2):
+        """Symmetrised loss (Eq. 2) and the projections of view 1.
+        The views are forwarded separately, so batch norm sees one view's statistics at a time."""
+        z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        # Stop-gradient (Eqs. 3-4): each view's projection is a constant target for the other's prediction.
+        t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)
+        return negative_cosine(p1, t2) / 2 + negative_cosine(p2, t1) / 2, z1
+
+
+def negative_cosine(prediction, target):
+    """SimSiam Eq. 1: minus the cosine similarity of p and z, batch mean (-1 when aligned)."""
+    return -F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
+
+
+def make_optimizer(model, args):
+    """SGD with momentum in two groups: the encoder follows the schedule; with --fix-pred-lr the predictor
+    keeps the base rate (Sec. 4.2, Table 1c). A frozen or absent predictor leaves its group empty."""
+    encoder = [*model.backbone.parameters(), *model.projector.parameters()]
+    predictor = [param for param in model.predictor.parameters() if param.requires_grad]
+    params = [dict(params=encoder, fixed_lr=False), dict(params=predictor, fixed_lr=args.fix_pred_lr)]
+    return torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def hyperparameters(step, total_steps, steps_per_epoch, args):
+    """The values that change during training, at `step`: the learning rate, a linear warm-up and then a
+    half cosine to 0 (Appendix D: no warm-up)."""
+    lr = cosine_schedule(step, total_steps, scaled_lr(args), 0.0, int(args.warmup_epochs * steps_per_epoch))
+    return dict(lr=lr)
+
+
+def train_step(model, optimizer, images, hyper, args, data, compute):
+    """One step of SimSiam (Algorithm 1): two views, the loss, SGD on the network.
+    Returns what the log averages over the epoch, as device tensors."""
+    for group in optimizer.param_groups:
+        if not group["fixed_lr"]:  # with --fix-pred-lr the predictor's group keeps the rate it was made with
+            group["lr"] = hyper["lr"]
+    view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute.memory_format)
+    view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute.memory_format)
+    with compute.autocast:
+        loss, z1 = model(view1, view2)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return dict(loss=loss.detach(), collapse=collapse_metric(z1.detach()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training loop: set up or resume, one epoch of steps, evaluate and save
+# ------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args, checkpoint = parse_arguments(argv)
+    compute = compute_settings(args.device)
+    data = prepare_data(args, compute.device)
+    torch.manual_seed(args.seed)
+    predictor = "identity" if args.no_predictor else "fixed" if args.fixed_predictor else "learned"
+    model = SimSiam(args.proj_hidden, args.proj_dim, args.pred_hidden, not args.no_stop_grad, predictor)
+    model.to(compute.device, memory_format=compute.memory_format)
+    optimizer = make_optimizer(model, args)
+    run = start_run(args, checkpoint, model, optimizer, data, compute)
+    while run.step < run.last_step:
+        row, speed, hyper = train_epoch(run)
+        evaluate_and_save(run, row, speed, hyper)
+    return finish_run(run)
+
+
+def train_epoch(run):
+    """The steps of one epoch from run.step on (a run resumed inside an epoch skips the done ones), with a
+    progress line every --log-every steps. Returns the epoch's row (the step metrics averaged), its speed,
+    and the hyperparameters of its last step."""
+    args, epoch = run.args, run.step // run.steps_per_epoch
+    started, first_step, sums = time.time(), run.step, {}
+    for batch_indices in epoch_batches(epoch, run):
+        hyper = hyperparameters(run.step, run.total_steps, run.steps_per_epoch, args)
+        images = run.data["train_x"][batch_indices]
+        metrics = train_step(run.model, run.optimizer, images, hyper, args, run.data, run.compute)
+        sums = {name: sums.get(name, 0) + value for name, value in metrics.items()}
+        run.step += 1
+        if run.step % args.log_every == 0 or run.step == run.last_step:
+            # The only host sync of the loop, once every log_every steps.
+            means = {name: total.item() / (run.step - first_step) for name, total in sums.items()}
+            stop_if_not_finite(means["loss"], run.step, run.checkpoint_path)
+            speed = (run.step - run.first_step) * args.batch_size / (time.time() - run.started)
+            eta = format_seconds((run.last_step - run.step) * args.batch_size / speed)
+            print(progress_line(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{run.last_step}",
+                                dict(means, lr=hyper["lr"], images_per_s=speed, eta=eta)), flush=True)
+        if run.step == run.last_step:
+            break
+    seconds, done = time.time() - started, run.step - first_step
+    row = dict(epoch=epoch + 1, step=run.step, **{name: total.item() / done for name, total in sums.items()})
+    return row, dict(images_per_s=done * args.batch_size / seconds, epoch_time_s=seconds), hyper
+
+
+def evaluate_and_save(run, row, speed, hyper):
+    """The end of an epoch (or of --max-steps): every --eval-every epochs the kNN monitor and collapse
+    metrics, a progress line, the metrics file and the figure; then the checkpoint, written atomically."""
+    rng, args = rng_state(run.compute.device), run.args
+    stop_if_not_finite(row["loss"], row["step"], run.checkpoint_path)
+    if row["epoch"] % args.eval_every == 0 or row["epoch"] == args.epochs or row["step"] == run.last_step:
+        row.update(evaluate(run.model, run.data, args, run.compute))
+        shown = {name: value for name, value in row.items() if isinstance(value, float)}
+        print(progress_line(f"epoch {row['epoch']}/{args.epochs}", {**shown, **speed}), flush=True)
+        run.history.append({**row, **speed, **hyper})
+        write_metrics(run.history, run.out_dir)
+        plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
+    save_checkpoint(run.checkpoint_path, dict(
+        script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
+        args=vars(args), data=run.data_info, history=run.history, optimizer=run.optimizer.state_dict(),
+        **checkpoint_entries(run.model, args)))
+
+
+def evaluate(model, data, args, compute):
+    """kNN top-1 on the backbone features; effective rank and collapse metric of the projected test set."""
+    model.eval()
+    train_features = embed(model.backbone, data["train_x"], data["mean"], data["std"], compute)
+    test_features = embed(model.backbone, data["test_x"], data["mean"], data["std"], compute)
+    with torch.no_grad():
+        test_embedding = model.projector(test_features)
+    model.train()
+    return dict(knn_top1=knn_top1(train_features, data["train_y"], test_features, data["test_y"],
+                                  args.knn_k, args.knn_t),
+                erank=effective_rank(test_embedding),
+                eval_collapse=collapse_metric(test_embedding).item())
+
+
+def checkpoint_entries(model, args):
+    """The model's part of a checkpoint: its weights, and how linear_eval.py and spectrum.py rebuild its
+    backbone and projector from them."""
+    arch = dict(backbone="resnet18_cifar", backbone_kwargs={}, feature_dim=512, backbone_prefix="backbone.",
+                projector_prefix="projector.", projector_layers=layer_names(model.projector))
+    return dict(arch=arch, model=model.state_dict())
+
+
+def figure_panels(args):
+    """The panels of the run's figure: (history key, title, y-limits or "log", dashed reference line)."""
+    return [("loss", "training loss", None, None), ("knn_top1", "kNN top-1 (test)", (0, 1), None),
+            ("collapse", "collapse metric (1 healthy, 0 collapsed)", (0, 1.1), None),
+            ("erank", "effective rank of the embedding", None, None)]
+
+
+def build_parser():
+    """The flags of every training script (below the banner) and the method's own; defaults from RECIPE."""
+    parser = shared_parser()
+    parser.add_argument("--momentum", type=fraction_below_one, help="SGD momentum")
+    parser.add_argument("--proj-hidden", type=positive_int, help="hidden width of the projector")
+    parser.add_argument("--proj-dim", type=positive_int, help="output width of the projector and predictor")
+    parser.add_argument("--pred-hidden", type=positive_int, help="hidden width of the predictor")
+    parser.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, help="no lr decay for the predictor")
+    parser.add_argument("--no-stop-grad", action="store_true", help="let the gradient flow into both branches (Fig. 2)")
+    predictor = parser.add_mutually_exclusive_group()
+    predictor.add_argument("--no-predictor", action="store_true", help="the predictor is the identity (Table 1a)")
+    predictor.add_argument("--fixed-predictor", action="store_true", help="a frozen random predictor (Table 1b)")
+    parser.set_defaults(**RECIPE)
+    return parser
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+# ================================================================================================
+# Shared plumbing: identical in every training script (tests/test_shared.py checks it), and
+# skippable on a first read. Command line, data, augmentation, metrics, kNN monitor, checkpoints,
+# plots.
+# ================================================================================================
 def fail(message):
     """Stop with a one-line error and a non-zero exit code."""
     raise SystemExit(f"{SCRIPT}.py: error: {message}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
+def number_type(cast, accepts, rule):
+    """An argparse type: a finite number of type `cast` for which accepts(value) holds (NaN never does)."""
+    def parse(text):
+        value = cast(text)  # a ValueError becomes argparse's own "invalid int value" message
+        if not (math.isfinite(value) and accepts(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+positive_int = number_type(int, lambda value: value > 0, "> 0")
+non_negative_int = number_type(int, lambda value: value >= 0, ">= 0")
+positive_float = number_type(float, lambda value: value > 0, "> 0")
+non_negative_float = number_type(float, lambda value: value >= 0, ">= 0")
+fraction = number_type(float, lambda value: 0 <= value <= 1, "in [0, 1]")
+fraction_below_one = number_type(float, lambda value: 0 <= value < 1, "in [0, 1)")
+
+
+def shared_parser():
+    """The flags of every training script: data, optimisation, evaluation and the run itself."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"], help="image source")
+    add("--data-dir", default="./data", help="download folder (cifar) or DIR with train/ and test/ (folder)")
+    add("--img-size", type=number_type(int, lambda value: value >= 8, ">= 8"), default=32,
+        help="images are resized once to this size")
+    add("--subset", type=non_negative_int, default=0, help="train on a random N images of the train split (0: all)")
+    add("--epochs", type=positive_int, help="length of the schedules")
+    add("--max-steps", type=non_negative_int, default=0, help="stop after this many steps in all (0: no limit)")
+    add("--batch-size", type=positive_int, help="images per step")
+    add("--lr", type=positive_float, help="learning rate for batch 256, scaled by batch/256")
+    add("--weight-decay", type=non_negative_float, help="weight decay")
+    add("--warmup-epochs", type=non_negative_float, help="linear learning-rate warm-up")
+    add("--eval-every", type=positive_int, default=1, help="epochs between kNN evaluations")
+    add("--log-every", type=positive_int, default=50, help="steps between progress lines")
+    add("--knn-k", type=positive_int, help="neighbours that vote in the kNN monitor")
+    add("--knn-t", type=positive_float, help="temperature of the kNN vote weights")
+    add("--device", default="auto", help="auto, cuda, mps or cpu")
+    add("--compile", action="store_true", help="torch.compile the training forward pass")
+    add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
+    add("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
+    add("--resume", default=None, help="checkpoint.pt of a run to continue")
+    return parser
+
+
 # A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
-# --eval-every and --data-dir when given again.
-RUN_FLAGS = ("max_steps", "log_every", "device", "compile", "out_dir", "resume")
-RESUME_FLAGS = ("epochs", "eval_every", "data_dir")
+# --eval-every, --log-every and --data-dir when given again.
+RUN_FLAGS = ("max_steps", "device", "compile", "out_dir", "resume")
+RESUME_FLAGS = ("epochs", "eval_every", "log_every", "data_dir")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"])
-    p.add_argument("--data-dir", default="./data", help="download folder (cifar) or DIR with train/ and test/ (folder)")
-    p.add_argument("--img-size", type=int, default=32, help="images are resized once to this size")
-    p.add_argument("--subset", type=int, default=0, help="train on a random N images of the train split (0: all)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--max-steps", type=int, default=0,
-                   help="stop after this many steps in total (0: no limit); the schedules still span --epochs")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=0.03, help="learning rate for batch 256, scaled by batch/256")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--warmup-epochs", type=float, default=0, help="linear learning-rate warm-up")
-    p.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--knn-k", type=int, default=200)
-    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
-    p.add_argument("--resume", default=None, help="checkpoint.pt of a run to continue")
-    # SimSiam on CIFAR (Appendix D): a 2-layer projector 2048 -> 2048 and the bottleneck predictor
-    # 2048 -> 512 -> 2048 of Sec. 3, whose learning rate is not decayed (Table 1c).
-    p.add_argument("--proj-hidden", type=int, default=2048)
-    p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--pred-hidden", type=int, default=512)
-    p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the predictor at the base learning rate while the rest follows the cosine")
-    # The ablations of Sec. 4.1-4.2: the first two collapse, the third does not learn.
-    p.add_argument("--no-stop-grad", action="store_true", help="let the gradient flow into both branches (Fig. 2)")
-    predictor = p.add_mutually_exclusive_group()
-    predictor.add_argument("--no-predictor", action="store_true", help="the predictor is the identity (Table 1a)")
-    predictor.add_argument("--fixed-predictor", action="store_true",
-                           help="the predictor keeps its random initialisation (Table 1b)")
-    return p
+def parse_arguments(argv):
+    """The run's settings and, with --resume, the checkpoint it continues: the one place where a
+    resumed run is told from a new one."""
+    args = get_args(argv)
+    if not args.resume:
+        return args, None
+    checkpoint = load_checkpoint(args.resume)
+    return resume_args(args, checkpoint["args"], given_flags(argv)), checkpoint
 
 
-def get_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-
-    positive = ["img_size", "epochs", "batch_size", "eval_every", "log_every", "knn_k", "proj_hidden",
-                "proj_dim", "pred_hidden"]
-    for name in positive:
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["subset", "max_steps", "warmup_epochs", "weight_decay", "momentum"]:
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    if args.img_size < 8:
-        p.error(f"--img-size must be at least 8, got {args.img_size}")
-    if not (args.lr > 0 and args.knn_t > 0):
-        p.error("--lr and --knn-t must be positive")
-    return args
+def given_flags(argv):
+    """The names of the flags given on the command line, whatever their values: parsed once more with
+    a default that no flag can take."""
+    parser, not_given = build_parser(), object()
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), not_given))
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not not_given}
 
 
-def resume_args(args, saved):
+def resume_args(args, saved, given):
     """The settings of a resumed run: those it was started with (`saved`), and the flags above."""
-    parser = build_parser()
-    given = {name for name, value in vars(args).items() if value != parser.get_default(name)}
-    for name in given - set(RUN_FLAGS) - set(RESUME_FLAGS):
+    for name in sorted(given - set(RUN_FLAGS) - set(RESUME_FLAGS)):
         if getattr(args, name) != saved.get(name):
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's {saved.get(name)}; "
-                 f"a resumed run keeps its settings (only --epochs, --eval-every and --data-dir may change)")
-    resumed = dict(saved, **{name: getattr(args, name) for name in RUN_FLAGS})
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's {saved.get(name)}; a "
+                 f"resumed run keeps its settings (only --epochs, --eval-every, --log-every and --data-dir may change)")
+    resumed = {**vars(args), **saved, **{name: getattr(args, name) for name in RUN_FLAGS}}
     resumed.update({name: getattr(args, name) for name in given & set(RESUME_FLAGS)})
+    resumed["out_dir"] = args.out_dir or str(Path(args.resume).parent)
     return argparse.Namespace(**resumed)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data: every split decoded once into a uint8 tensor (N, 3, H, W) that lives on the training device
-# ------------------------------------------------------------------------------------------------
+def compute_settings(device_name):
+    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
+    (tensor cores), float32 and the default layout elsewhere."""
+    device = pick_device(device_name)
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
+                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but no CUDA GPU is visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps, but MPS is not available")
+    return device
+
+
+def scaled_lr(args):
+    """--lr is the learning rate for batch 256; the run's batch scales it linearly."""
+    return args.lr * args.batch_size / 256
+
+
+def start_run(args, checkpoint, model, optimizer, data, compute):
+    """The run's state: a new one, or the one the checkpoint saved (weights, optimiser, step, history).
+    An epoch stopped inside is redone from the checkpoint's step, so its history row is dropped."""
+    steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
+    total_steps = args.epochs * steps_per_epoch
+    step, history = 0, []
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, history = checkpoint["step"], checkpoint["history"]
+        print(f"resumed {args.resume} at step {step}")
+    if args.compile:
+        model.compile()  # compiles model(...) in place: the state dict keeps its keys
+    out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
+          f"{steps_per_epoch} steps per epoch, writing to {out_dir}")
+    data_info = dict(dataset=args.dataset, img_size=args.img_size, num_classes=len(data["classes"]),
+                     classes=list(data["classes"]), mean=data["mean"].flatten().tolist(),
+                     std=data["std"].flatten().tolist())
+    return SimpleNamespace(
+        args=args, model=model, optimizer=optimizer, data=data, compute=compute, data_info=data_info,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        last_step=min(total_steps, args.max_steps) if args.max_steps else total_steps,
+        step=step, history=[row for row in history if row["epoch"] <= step // steps_per_epoch],
+        rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step,
+        out_dir=out_dir, checkpoint_path=out_dir / "checkpoint.pt")
+
+
+def finish_run(run):
+    if run.history:
+        last = run.history[-1]
+        print(f"done: epoch {last['epoch']} kNN top-1 {last['knn_top1']:.2%} (last epoch), "
+              f"collapse {last['collapse']:.3f}, outputs in {run.out_dir}")
+    return run.history
+
+
+def epoch_batches(epoch, run):
+    """The image indices of the epoch's batches, from run.step on. All randomness of an epoch follows
+    from (seed, epoch), and a run resumed inside it restores the generators' state of its stop: it
+    draws what the uninterrupted run would have drawn."""
+    torch.manual_seed(run.args.seed * 100_003 + epoch)
+    permutation = torch.randperm(len(run.data["train_x"]), device=run.compute.device)
+    batches = permutation[:run.steps_per_epoch * run.args.batch_size].view(run.steps_per_epoch, -1)
+    done = run.step - epoch * run.steps_per_epoch
+    if done:
+        set_rng_state(run.rng, run.compute.device)
+    return batches[done:]
+
+
+def progress_line(head, values):
+    """The one format of every progress line: `head | name value | ...`."""
+    formats = dict(loss="loss {:.4f}", knn_top1="knn {:.2%}", erank="erank {:.1f}", lr="lr {:.3g}",
+                   images_per_s="{:.0f} img/s", epoch_time_s="{:.1f} s/epoch", eta="eta {}")
+    return " | ".join([head] + [formats.get(name, name + " {:.3f}").format(value) for name, value in values.items()])
+
+
+def format_seconds(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
+def stop_if_not_finite(loss, step, checkpoint_path):
+    """A NaN/inf loss ends the run before anything is saved, so the checkpoint on disk stays good."""
+    if not math.isfinite(loss):
+        kept = f"{checkpoint_path} is the last good one" if checkpoint_path.exists() else "no checkpoint was written"
+        fail(f"loss is {loss} at step {step}; stopped without saving ({kept}); try a lower --lr")
+
+
+# --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
+def prepare_data(args, device):
+    data = load_dataset(args)
+    if args.subset:
+        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(args.seed))
+        keep = keep[:args.subset]
+        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    if len(data["train_x"]) < args.batch_size:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
+    pixels = data["train_x"][:10000].float() / 255
+    data["mean"] = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    data["std"] = pixels.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
+
+
 def load_dataset(args):
     """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
     if args.dataset == "synthetic":
@@ -160,9 +500,9 @@ def read_image_folder(root, img_size):
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
     images = []
-    for index, (path, _) in enumerate(folder.samples):
+    for position, (path, _) in enumerate(folder.samples):
         try:
-            image, _ = folder[index]
+            image, _ = folder[position]
         except Exception as error:
             fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
@@ -195,15 +535,21 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
                 classes=[f"class{c}" for c in range(num_classes)])
 
 
-# ------------------------------------------------------------------------------------------------
-# Augmentation: batched on the device, every random parameter drawn per image
-# ------------------------------------------------------------------------------------------------
-# SimSiam on CIFAR (Appendix D): crop scale 0.2-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with
-# probability 0.8, grayscale 0.2, no blur, no solarization. Both views are drawn the same way.
-VIEW = dict(crop_scale=(0.2, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-            grayscale=0.2, solarize=0.0)
-VIEWS = (VIEW, VIEW)
+# --- augmentation: batched on the device, every random parameter drawn per image ------------------
 CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def augment(images, view, mean, std, memory_format, out_size=None):
+    """One random view of every image at out_size x out_size (default: the images' size), normalised, in
+    the run's memory layout. A view with blur blurs last, after solarization where DINO and BYOL blur
+    first: the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    batch, _, height, width = images.shape
+    params = sample_view_params(batch, height, width, view, images.device)
+    x = apply_view(images, params, out_size or height)
+    if view["blur"]:
+        blurred, sigma = sample_blur(batch, view, images.device)
+        x = torch.where(blurred.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1])), x)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
 def sample_view_params(batch, height, width, view, device):
@@ -221,14 +567,15 @@ def sample_view_params(batch, height, width, view, device):
     hue_shift = torch.where(jitter, torch.empty(batch, device=device).uniform_(-view["hue"], view["hue"]), 0.0)
     return dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
                 factors=factors, hue_shift=hue_shift,
-                order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
+                jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
                 grayscale=torch.rand(batch, device=device) < view["grayscale"],
                 solarize=torch.rand(batch, device=device) < view["solarize"])
 
 
 def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
     """torchvision's RandomResizedCrop.get_params for a whole batch: the first of `tries` random
-    boxes that fits, else the whole image with the ratio clamped. Returns (top, left, h, w)."""
+    boxes that fits, else the whole image (the images are square: no ratio to clamp). Returns
+    (top, left, h, w)."""
     area = height * width
     target_area = area * torch.empty(batch, tries, device=device).uniform_(*scale)
     aspect = torch.empty(batch, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
@@ -237,19 +584,21 @@ def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(dim=1, keepdim=True)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-
-    if width / height < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
-    else:
-        fallback_w, fallback_h = width, height
     found = fits.any(dim=1)
-    w = torch.where(found, w, float(fallback_w))
-    h = torch.where(found, h, float(fallback_h))
+    w = torch.where(found, w, float(width))
+    h = torch.where(found, h, float(height))
     top = torch.where(found, (torch.rand(batch, device=device) * (height - h + 1)).floor(), (height - h) // 2)
     left = torch.where(found, (torch.rand(batch, device=device) * (width - w + 1)).floor(), (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
+
+
+def apply_view(images, params, out_size):
+    """uint8 (B, 3, H, W) on the device -> augmented float images in [0, 1]."""
+    x = crop_flip_resize(images.float().div_(255), params["crop"], params["flip"], out_size)
+    x = color_jitter(x, params["factors"], params["hue_shift"], params["jitter_order"], params["jitter"])
+    x = torch.where(params["grayscale"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
+    # Solarize at 0.5 (invert every value above it) is min(x, 1 - x).
+    return torch.where(params["solarize"].view(-1, 1, 1, 1), torch.minimum(x, 1 - x), x)
 
 
 def crop_flip_resize(images, crop, flip, out_size):
@@ -268,10 +617,20 @@ def crop_flip_resize(images, crop, flip, out_size):
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def rgb_to_grayscale(images):
-    """ITU-R 601-2 luma, as torchvision: (B, 3, H, W) -> (B, 1, H, W)."""
-    r, g, b = images.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+def color_jitter(images, factors, hue_shift, jitter_order, jitter):
+    """ColorJitter with a random order per image. Brightness, contrast and saturation are blends;
+    hue is not, so it is applied once for the whole batch and every blend is placed before or
+    after it according to the image's own order."""
+    hue_position = (jitter_order == 3).int().argmax(dim=1)
+    for before_hue, positions in ((True, range(3)), (False, range(1, 4))):
+        for position in positions:
+            op = jitter_order[:, position]
+            due = position < hue_position if before_hue else position > hue_position
+            factor = torch.where(due, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
+            images = blend(images, op, factor)
+        if before_hue:
+            images = torch.where(jitter.view(-1, 1, 1, 1), adjust_hue(images, hue_shift), images)
+    return images
 
 
 def blend(images, op, factor):
@@ -293,102 +652,44 @@ def adjust_hue(images, shift):
     # HSV hue in sextants: 0 + (g - b) / spread where red is largest, 2 + ... green, 4 + ... blue.
     sextant = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * spread + b - r, 4 * spread + r - g))
     sextant = (sextant / spread.clamp_min(1e-12) + 6 * shift.view(-1, 1, 1, 1)) % 6
-    distance = (sextant - torch.tensor([0.0, 2.0, 4.0], device=images.device).view(1, 3, 1, 1)).abs()
-    ramp = (2 - torch.minimum(distance, 6 - distance)).clamp_(0, 1)  # red, green, blue peak at 0, 2, 4
+    # Red, green and blue peak at sextants 0, 2 and 4 (arange fills on the device: no host copy).
+    peaks = torch.arange(0, 6, 2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    distance = (sextant - peaks).abs()
+    ramp = (2 - torch.minimum(distance, 6 - distance)).clamp_(0, 1)
     return torch.addcmul(minc, spread, ramp)
 
 
-def color_jitter(images, factors, hue_shift, order, jitter):
-    """ColorJitter with a random order per image. Brightness, contrast and saturation are blends;
-    hue is not, so it is applied once for the whole batch and every blend is placed before or
-    after it according to the image's own order."""
-    hue_position = (order == 3).int().argmax(dim=1)
-    for before_hue, positions in ((True, range(3)), (False, range(1, 4))):
-        for position in positions:
-            op = order[:, position]
-            due = position < hue_position if before_hue else position > hue_position
-            factor = torch.where(due, factors.gather(1, op.unsqueeze(1)).squeeze(1), 1.0)
-            images = blend(images, op, factor)
-        if before_hue:
-            images = torch.where(jitter.view(-1, 1, 1, 1), adjust_hue(images, hue_shift), images)
-    return images
+def rgb_to_grayscale(images):
+    """ITU-R 601-2 luma, as torchvision: (B, 3, H, W) -> (B, 1, H, W)."""
+    r, g, b = images.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def apply_view(images, params, out_size):
-    """uint8 (B, 3, H, W) on the device -> augmented float images in [0, 1]."""
-    x = crop_flip_resize(images.float().div_(255), params["crop"], params["flip"], out_size)
-    x = color_jitter(x, params["factors"], params["hue_shift"], params["order"], params["jitter"])
-    x = torch.where(params["grayscale"].view(-1, 1, 1, 1), rgb_to_grayscale(x).expand_as(x), x)
-    # Solarize at 0.5 (invert every value above it) is min(x, 1 - x).
-    return torch.where(params["solarize"].view(-1, 1, 1, 1), torch.minimum(x, 1 - x), x)
+def sample_blur(batch, view, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]."""
+    return (torch.rand(batch, device=device) < view["blur"],
+            torch.empty(batch, device=device).uniform_(*view["blur_sigma"]))
 
 
-def augment(images, view, mean, std):
-    """One random view of every image, normalised, in the memory layout the model wants."""
-    batch, _, height, width = images.shape
-    params = sample_view_params(batch, height, width, view, images.device)
-    x = apply_view(images, params, height).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+def blur_kernel_size(crop_size):
+    """SimCLR's and BYOL's Gaussian kernel, 10% of the crop (23 taps at 224 px), odd, at least 3 taps."""
+    return max(3, 2 * round((0.1 * crop_size - 1) / 2) + 1)
 
 
-# ------------------------------------------------------------------------------------------------
-# Model
-# ------------------------------------------------------------------------------------------------
-def cifar_resnet18():
-    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution, no max-pool,
-    no classifier, so a 32x32 image keeps enough resolution and the output is 512-d."""
-    net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
-    return net
+def gaussian_blur(images, sigma, kernel_size):
+    """torchvision's gaussian_blur (reflect padding, a normalised kernel exp(-x^2 / 2 sigma^2) over
+    kernel_size taps) with each image's own sigma. The kernel is separable: every channel of every
+    image is one group of a 1-D convolution along the rows, then one along the columns."""
+    batch, channels, height, width = images.shape
+    half = kernel_size // 2
+    taps = torch.arange(-half, half + 1, device=images.device, dtype=images.dtype)
+    kernels = torch.softmax(-0.5 * (taps / sigma.unsqueeze(1)) ** 2, dim=1).repeat_interleave(channels, dim=0)
+    padded = F.pad(images, (half,) * 4, mode="reflect").view(1, batch * channels, height + 2 * half, -1)
+    rows = F.conv2d(padded, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    return F.conv2d(rows, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels).view_as(images)
 
 
-def mlp(in_dim, hidden_dim, out_dim, out_bn):
-    """SimSiam's projector (out_bn) and predictor (Sec. 3): Linear -> BatchNorm -> ReLU -> Linear, the
-    projector with batch norm on its output too. A Linear followed by batch norm needs no bias."""
-    layers = [nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-              nn.Linear(hidden_dim, out_dim, bias=not out_bn)]
-    return nn.Sequential(*layers, nn.BatchNorm1d(out_dim, affine=False)) if out_bn else nn.Sequential(*layers)
-
-
-PROJECTOR_LAYERS = ["linear", "bn", "relu", "linear", "bn"]  # the layout of mlp(out_bn=True), for the checkpoint
-
-
-class SimSiam(nn.Module):
-    """predictor: "learned", or the ablations of Table 1: "identity" (a) or "fixed" at its random
-    initialisation (b). stop_grad=False is the ablation of Fig. 2."""
-
-    def __init__(self, proj_hidden, proj_dim, pred_hidden, stop_grad=True, predictor="learned"):
-        super().__init__()
-        self.backbone = cifar_resnet18()
-        self.projector = mlp(512, proj_hidden, proj_dim, out_bn=True)
-        self.predictor = (nn.Identity() if predictor == "identity"
-                          else mlp(proj_dim, pred_hidden, proj_dim, out_bn=False))
-        self.predictor.requires_grad_(predictor == "learned")
-        self.stop_grad = stop_grad
-
-    def forward(self, view1, view2):
-        """Symmetrised loss (Eq. 2) and the projections of view 1. The views are forwarded
-        separately, so batch norm sees one view's statistics at a time."""
-        z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        # Stop-gradient (Eqs. 3-4): each view's projection is a constant target for the other's prediction.
-        t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)
-        return negative_cosine(p1, t2) / 2 + negative_cosine(p2, t1) / 2, z1
-
-
-# ------------------------------------------------------------------------------------------------
-# Loss
-# ------------------------------------------------------------------------------------------------
-def negative_cosine(prediction, target):
-    """SimSiam Eq. 1: minus the cosine similarity of p and z, batch mean (-1 when aligned)."""
-    return -F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
-
-
-# ------------------------------------------------------------------------------------------------
-# Schedules and collapse metrics
-# ------------------------------------------------------------------------------------------------
+# --- schedules, collapse metrics and the kNN monitor ----------------------------------------------
 def cosine_schedule(step, total_steps, start, end, warmup_steps=0):
     """Linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
     if step < warmup_steps:
@@ -407,22 +708,18 @@ def effective_rank(z):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
     l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
     s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
-    p = s / s.sum()
-    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+    distribution = s / s.sum()
+    return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation: kNN monitor on the backbone features
-# ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed(network, images, mean, std, batch_size=1024):
-    """Features of un-augmented uint8 images, in eval mode (batch norm on running statistics)."""
+def embed(network, images, mean, std, compute, batch_size=1024):
+    """Features of un-augmented uint8 images, with the network in eval mode (whatever it has of batch
+    norm on running statistics, drop-path off)."""
     out = []
     for chunk in images.split(batch_size):
-        x = (chunk.float() / 255 - mean) / std
-        if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        x = ((chunk.float() / 255 - mean) / std).contiguous(memory_format=compute.memory_format)
+        with compute.autocast:
             out.append(network(x).float())
     return torch.cat(out)
 
@@ -436,30 +733,20 @@ def knn_top1(train_features, train_labels, test_features, test_labels, k, temper
     k = min(k, len(train_features))
     correct = torch.zeros((), device=test_features.device)
     for features, labels in zip(test_features.split(chunk), test_labels.split(chunk)):
-        similarity, index = (features @ train_features.T).topk(k, dim=1)
+        similarity, neighbours = (features @ train_features.T).topk(k, dim=1)
         votes = torch.zeros(len(features), num_classes, device=features.device)
-        votes.scatter_add_(1, train_labels[index], (similarity / temperature).exp())
+        votes.scatter_add_(1, train_labels[neighbours], (similarity / temperature).exp())
         correct += (votes.argmax(dim=1) == labels).sum()
     return correct.item() / len(test_labels)
 
 
-def evaluate(model, data, args):
-    """kNN top-1 on backbone features; effective rank and collapse metric of the test embedding."""
-    model.eval()
-    train_features = embed(model.backbone, data["train_x"], data["mean"], data["std"])
-    test_features = embed(model.backbone, data["test_x"], data["mean"], data["std"])
-    with torch.no_grad():
-        test_embedding = model.projector(test_features)
-    model.train()
-    return dict(knn_top1=knn_top1(train_features, data["train_y"], test_features, data["test_y"],
-                                  args.knn_k, args.knn_t),
-                erank=effective_rank(test_embedding),
-                eval_collapse=collapse_metric(test_embedding).item())
+# --- checkpoints, metrics and plots ---------------------------------------------------------------
+def layer_names(sequential):
+    """The layout of an MLP as the checkpoint's `arch` records it, read off the module itself."""
+    names = {nn.Linear: "linear", nn.BatchNorm1d: "bn", nn.ReLU: "relu", nn.GELU: "gelu"}
+    return [names[type(layer)] for layer in sequential]
 
 
-# ------------------------------------------------------------------------------------------------
-# Checkpoints, metrics and plots
-# ------------------------------------------------------------------------------------------------
 def save_checkpoint(path, state):
     """Write to a temporary file, then rename: a run killed mid-write keeps its last checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -480,75 +767,6 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def write_metrics(history, out_dir):
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out_dir / "metrics.jsonl")
-
-
-def plot_history(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    panels = [("loss", "training loss", None), ("knn_top1", "kNN top-1 (test)", (0, 1)),
-              ("collapse", "collapse metric (1 healthy, 0 collapsed)", (0, 1.1)),
-              ("erank", "effective rank of the embedding", None)]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, (key, title, ylim) in zip(axes, panels):
-        ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if ylim:
-            ax.set_ylim(*ylim)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{SCRIPT}: {path.parent.name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        fail(f"unknown --device {name!r}; use auto, cuda, mps or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but no CUDA GPU is visible")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps, but MPS is not available")
-    return device
-
-
-def prepare_data(args, device):
-    data = load_dataset(args)
-    if args.subset:
-        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(args.seed))
-        keep = keep[:args.subset]
-        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
-    if len(data["train_x"]) < args.batch_size:
-        fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
-    pixels = data["train_x"][:10000].float() / 255
-    data["mean"] = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
-    data["std"] = pixels.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
-
-
-def stop_if_not_finite(loss, step, checkpoint_path):
-    """A NaN/inf loss ends the run before anything is saved, so the checkpoint on disk stays good."""
-    if not math.isfinite(loss):
-        kept = f"{checkpoint_path} is the last good one" if checkpoint_path.exists() else "no checkpoint was written"
-        fail(f"loss is {loss} at step {step}; stopped without saving ({kept}); try a lower --lr")
-
-
 def rng_state(device):
     """The generators that draw the batches' augmentations: a run stopped inside an epoch
     (--max-steps) resumes with the draws the uninterrupted run would have made."""
@@ -564,130 +782,42 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def format_seconds(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+def write_metrics(history, out_dir):
+    tmp = out_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out_dir / "metrics.jsonl")
 
 
-def main(argv=None):
-    args = get_args(argv)
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(args.resume)
-        args = resume_args(args, checkpoint["args"])
-    device = pick_device(args.device)
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-    elif checkpoint:
-        out_dir = Path(args.resume).parent
-    else:
-        out_dir = Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.backends.cudnn.benchmark = True
+def plot_history(history, path, panels):
+    """One panel per (history key, title, y-limits or "log", dashed reference line) against epoch; a key
+    whose values are lists (a spectrum) gets one line per entry, dark for the first."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    data = prepare_data(args, device)
-    steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
-    total_steps = args.epochs * steps_per_epoch
-    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
-
-    torch.manual_seed(args.seed)
-    predictor = "identity" if args.no_predictor else "fixed" if args.fixed_predictor else "learned"
-    model = SimSiam(args.proj_hidden, args.proj_dim, args.pred_hidden, not args.no_stop_grad, predictor).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    lr = args.lr * args.batch_size / 256
-    # Two groups: the encoder follows the cosine schedule; with --fix-pred-lr the predictor keeps the
-    # base rate (Sec. 4.2, Table 1c). A frozen or absent predictor leaves its group empty.
-    encoder_params = [*model.backbone.parameters(), *model.projector.parameters()]
-    predictor_params = [p for p in model.predictor.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD([dict(params=encoder_params, fixed_lr=False),
-                                 dict(params=predictor_params, fixed_lr=args.fix_pred_lr)],
-                                lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    history, step = [], 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        history, step = checkpoint["history"], checkpoint["step"]
-        print(f"resumed {args.resume} at step {step}")
-    start_epoch = step // steps_per_epoch
-    history = [row for row in history if row["epoch"] <= start_epoch]  # an unfinished epoch is redone
-    train_model = torch.compile(model) if args.compile else model
-
-    arch = dict(backbone="resnet18_cifar", backbone_kwargs={}, feature_dim=512, backbone_prefix="backbone.",
-                projector_prefix="projector.", projector_layers=PROJECTOR_LAYERS)
-    data_info = dict(dataset=args.dataset, img_size=args.img_size, num_classes=len(data["classes"]),
-                     classes=list(data["classes"]), mean=data["mean"].flatten().tolist(),
-                     std=data["std"].flatten().tolist())
-    checkpoint_path = out_dir / "checkpoint.pt"
-    print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {device}, "
-          f"{steps_per_epoch} steps per epoch, writing to {out_dir}")
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    run_start, run_first_step = time.time(), step
-    for epoch in range(start_epoch, args.epochs):
-        if step >= last_step:
-            break
-        # All randomness of an epoch follows from (seed, epoch): a resumed run draws what the
-        # uninterrupted run would have drawn.
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        order = torch.randperm(len(data["train_x"]), device=device)
-        batches = order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, -1)
-        if step > epoch * steps_per_epoch:  # resumed inside this epoch: skip its done batches
-            batches = batches[step - epoch * steps_per_epoch:]
-            set_rng_state(checkpoint["rng"], device)
-        loss_sum = torch.zeros((), device=device)
-        collapse_sum = torch.zeros((), device=device)
-        epoch_start, epoch_first_step = time.time(), step
-        for index in batches:
-            lr_now = cosine_schedule(step, total_steps, lr, 0.0, int(args.warmup_epochs * steps_per_epoch))
-            for group in optimizer.param_groups:
-                group["lr"] = lr if group["fixed_lr"] else lr_now
-            images = data["train_x"][index]
-            view1 = augment(images, VIEWS[0], data["mean"], data["std"])
-            view2 = augment(images, VIEWS[1], data["mean"], data["std"])
-            with autocast:
-                loss, z1 = train_model(view1, view2)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            collapse_sum += collapse_metric(z1.detach())
-            step += 1
-            done = step - epoch_first_step
-            if step % args.log_every == 0 or step == last_step:
-                mean_loss = loss_sum.item() / done  # the only host sync, once every log_every steps
-                stop_if_not_finite(mean_loss, step, checkpoint_path)
-                speed = (step - run_first_step) * args.batch_size / (time.time() - run_start)
-                eta = (last_step - step) * args.batch_size / speed
-                print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step} | loss {mean_loss:.4f} | "
-                      f"collapse {collapse_sum.item() / done:.3f} | lr {lr_now:.4f} | {speed:.0f} img/s | "
-                      f"eta {format_seconds(eta)}", flush=True)
-            if step == last_step:
-                break
-
-        rng = rng_state(device)
-        epoch_time = time.time() - epoch_start
-        row = dict(epoch=epoch + 1, step=step, loss=loss_sum.item() / done, collapse=collapse_sum.item() / done,
-                   lr=lr_now, images_per_s=done * args.batch_size / epoch_time,
-                   epoch_time_s=epoch_time)
-        stop_if_not_finite(row["loss"], step, checkpoint_path)
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or step == last_step:
-            row.update(evaluate(model, data, args))
-            print(f"epoch {epoch + 1}/{args.epochs} | loss {row['loss']:.4f} | collapse {row['collapse']:.3f} | "
-                  f"erank {row['erank']:.1f} | knn {100 * row['knn_top1']:.2f}% | "
-                  f"{row['images_per_s']:.0f} img/s | {epoch_time:.1f} s/epoch", flush=True)
-            history.append(row)
-            write_metrics(history, out_dir)
-            plot_history(history, out_dir / f"{SCRIPT}.png")
-        save_checkpoint(checkpoint_path, dict(
-            script=SCRIPT, format=1, epoch=step // steps_per_epoch, step=step, rng=rng, args=vars(args), arch=arch,
-            model=model.state_dict(), optimizer=optimizer.state_dict(), data=data_info, history=history))
-
-    if history:
-        last = history[-1]
-        print(f"done: epoch {last['epoch']} kNN top-1 {100 * last['knn_top1']:.2f}% (last epoch), "
-              f"collapse {last['collapse']:.3f}, outputs in {out_dir}")
-    return history
+    epochs = [row["epoch"] for row in history]
+    rows = (len(panels) + 3) // 4
+    fig, axes = plt.subplots(rows, 4, figsize=(16, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (key, title, ylim, reference) in zip(axes.flat, panels):
+        values = [row[key] for row in history]
+        if isinstance(values[0], list):
+            ax.set_prop_cycle(color=plt.cm.viridis([j / len(values[0]) for j in range(len(values[0]))]))
+        ax.plot(epochs, values, marker="o", markersize=3)
+        if reference is not None:
+            ax.axhline(reference, color="grey", linestyle="--")
+        if ylim == "log":
+            ax.set_yscale("log", nonpositive="mask")
+        elif ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{SCRIPT}: {path.parent.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

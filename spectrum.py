@@ -107,9 +107,9 @@ def read_image_folder(root, img_size):
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
     images = []
-    for index, (path, _) in enumerate(folder.samples):
+    for position, (path, _) in enumerate(folder.samples):
         try:
-            image, _ = folder[index]
+            image, _ = folder[position]
         except Exception as error:
             fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
@@ -332,8 +332,8 @@ def effective_rank(z):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
     l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
     s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
-    p = s / s.sum()
-    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+    distribution = s / s.sum()
+    return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
 
 
 def embedding_report(z):
@@ -348,8 +348,8 @@ def embedding_report(z):
 def predictor_statistics(F_hat, predictor):
     """What Tian et al. follow to show eigenspace alignment: the eigenvalues s_j of F-hat (descending)
     with eigenvectors u_j, the alignment u_j^T W_p u_j / |W_p u_j| (1 when u_j is an eigenvector of W_p
-    with a positive eigenvalue), the eigenvalues of W_p (real parts, descending) and its asymmetry
-    |W - W^T|_F / |W + W^T|_F (0 for a symmetric W_p)."""
+    with a positive eigenvalue) and its mean, the eigenvalues of W_p (real parts, descending) and its
+    asymmetry |W - W^T|_F / |W + W^T|_F (0 for a symmetric W_p)."""
     s, U = torch.linalg.eigh(F_hat.double())
     s, U = s.flip(0), U.flip(1)
     W = predictor.double()
@@ -357,7 +357,7 @@ def predictor_statistics(F_hat, predictor):
     alignment = (U * WU).sum(dim=0) / WU.norm(dim=0).clamp(min=1e-12)
     return dict(F_eigenvalues=s.tolist(),
                 predictor_eigenvalues=torch.linalg.eigvals(W).real.sort(descending=True).values.tolist(),
-                alignment=alignment.tolist(),
+                alignment=alignment.tolist(), mean_alignment=alignment.mean().item(),
                 asymmetry=((W - W.T).norm() / (W + W.T).norm().clamp(min=1e-12)).item())
 
 

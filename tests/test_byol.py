@@ -32,7 +32,7 @@ def test_parameters_are_drawn_per_image_at_their_rates():
     assert (top + h <= 32).all() and (left + w <= 32).all() and (top >= 0).all() and (left >= 0).all()
     # Different images get different boxes, factors and orders (not one draw for the whole batch).
     assert len(torch.unique(params["crop"], dim=0)) > n // 2
-    assert len(torch.unique(params["order"], dim=0)) == 24
+    assert len(torch.unique(params["jitter_order"], dim=0)) == 24
     jittered = params["factors"][params["jitter"]]
     assert jittered[:, 0].std() > 0.2 and (params["factors"][~params["jitter"]] == 1).all()
 
@@ -43,12 +43,12 @@ def test_color_jitter_matches_torchvision_per_image():
     images[0] = 0.5  # grey: hue undefined
     images[1, :, :3] = 1.0  # saturated and equal channels
     params = byol.sample_view_params(48, 12, 12, {**byol.VIEW, "jitter": 0.9}, "cpu")
-    out = byol.color_jitter(images, params["factors"], params["hue_shift"], params["order"], params["jitter"])
+    out = byol.color_jitter(images, params["factors"], params["hue_shift"], params["jitter_order"], params["jitter"])
     blends = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
     for i in range(48):
         expected = images[i]
         if params["jitter"][i]:
-            for op in params["order"][i].tolist():
+            for op in params["jitter_order"][i].tolist():
                 if op == 3:
                     expected = TF.adjust_hue(expected, params["hue_shift"][i].item())
                 else:

@@ -23,7 +23,8 @@ def run(tmp_path, *flags, name="run"):
 
 
 def tiny_dino(centering=True):
-    return dino_vit.DINO(TINY_VIT, drop_path=0.1, head_hidden=64, bottleneck_dim=16, out_dim=64, centering=centering)
+    return dino_vit.DINO(TINY_VIT, drop_path=0.1, head_hidden=64, bottleneck_dim=16, out_dim=64, centering=centering,
+                         student_temp=0.1, center_momentum=0.9)
 
 
 # --- augmentation ---------------------------------------------------------------------------------
@@ -32,7 +33,7 @@ def test_blur_matches_torchvision_per_image():
     for size, kernel_size in ((32, 3), (16, 3), (64, 7)):
         assert dino_vit.blur_kernel_size(size) == kernel_size
         images = torch.rand(12, 3, size, size)
-        sigma = torch.empty(12).uniform_(*dino_vit.BLUR_SIGMA)
+        sigma = torch.empty(12).uniform_(*dino_vit.VIEW["blur_sigma"])
         out = dino_vit.gaussian_blur(images, sigma, kernel_size)
         for i in range(12):
             expected = TF.gaussian_blur(images[i], [kernel_size, kernel_size], [sigma[i].item()] * 2)
@@ -57,7 +58,7 @@ def test_augment_blurs_only_the_images_drawn_for_it():
     view = {**dino_vit.LOCAL_VIEW, "blur": 0.5}
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     torch.manual_seed(1)
-    out = dino_vit.augment(images, view, zero, one, 8)
+    out = dino_vit.augment(images, view, zero, one, torch.contiguous_format, 8)
     torch.manual_seed(1)
     params = dino_vit.sample_view_params(64, 16, 16, view, "cpu")
     blur, sigma = dino_vit.sample_blur(64, view, "cpu")
@@ -123,7 +124,7 @@ def test_teacher_sees_the_global_crops_and_the_student_every_crop():
     with torch.no_grad():
         student = torch.cat([model.head(model.backbone(global_views))[0], model.head(model.backbone(local_views))[0]])
         teacher, bottleneck = model.teacher_head(model.teacher_backbone(global_views))
-    expected = dino_vit.dino_loss(student.view(5, 4, 64), teacher.view(2, 4, 64), torch.zeros(64), 0.04)
+    expected = dino_vit.dino_loss(student.view(5, 4, 64), teacher.view(2, 4, 64), torch.zeros(64), 0.04, 0.1)
     torch.testing.assert_close((loss, entropy, center_kl), expected)
     torch.testing.assert_close(teacher_bottleneck, bottleneck[:4])
 
@@ -147,7 +148,7 @@ def test_dino_loss_is_the_cross_entropy_of_every_teacher_crop_with_every_other_s
     torch.manual_seed(0)
     crops, batch, k = 5, 3, 7
     student, teacher, center = torch.randn(crops, batch, k), torch.randn(2, batch, k), torch.randn(k)
-    loss, entropy, center_kl = dino_vit.dino_loss(student, teacher, center, 0.04)
+    loss, entropy, center_kl = dino_vit.dino_loss(student, teacher, center, 0.04, 0.1)
     expected, pairs = 0.0, 0
     for t in range(2):
         p_t = F.softmax((teacher[t] - center) / 0.04, dim=1)
@@ -173,20 +174,20 @@ def test_centering_flattens_and_sharpening_peaks_a_collapsed_teacher():
     scores = F.normalize(torch.randn(64, 16), dim=1) @ F.normalize(torch.randn(16), dim=0)
     teacher = scores.expand(2, 8, 64)
     student = torch.randn(4, 8, 64)
-    _, centred, centred_kl = dino_vit.dino_loss(student, teacher, scores, 0.04)
-    _, sharpened, sharpened_kl = dino_vit.dino_loss(student, teacher, torch.zeros(64), 0.04)
-    _, soft, _ = dino_vit.dino_loss(student, teacher, torch.zeros(64), dino_vit.STUDENT_TEMP)
+    _, centred, centred_kl = dino_vit.dino_loss(student, teacher, scores, 0.04, 0.1)
+    _, sharpened, sharpened_kl = dino_vit.dino_loss(student, teacher, torch.zeros(64), 0.04, 0.1)
+    _, soft, _ = dino_vit.dino_loss(student, teacher, torch.zeros(64), 0.1, 0.1)
     assert centred.item() == pytest.approx(math.log(64), abs=1e-5)
     assert sharpened < soft - 1 and soft < math.log(64) - 1
     assert abs(centred_kl) < 1e-5 and abs(sharpened_kl) < 1e-5
     # Image i scores 1 on prototype i, -1 elsewhere: sharpened, each is nearly one-hot on its own.
     diverse = (2 * torch.eye(64)[:16] - 1).expand(2, 16, 64)
-    _, _, diverse_kl = dino_vit.dino_loss(torch.randn(4, 16, 64), diverse, torch.zeros(64), 0.04)
+    _, _, diverse_kl = dino_vit.dino_loss(torch.randn(4, 16, 64), diverse, torch.zeros(64), 0.04, 0.1)
     assert diverse_kl.item() == pytest.approx(math.log(16), abs=1e-3)
 
 
 def test_teacher_temperature_warms_up_linearly_then_stays():
-    values = [dino_vit.teacher_temperature(s, 10, 0.07) for s in range(20)]
+    values = [dino_vit.teacher_temperature(s, 10, 0.04, 0.07) for s in range(20)]
     assert values[0] == pytest.approx(0.04) and values[5] == pytest.approx(0.055)
     assert values[10] == values[19] == 0.07
 

@@ -31,15 +31,14 @@ def test_defaults_and_heads_are_the_papers_cifar_recipe():
     assert args.fix_pred_lr and not (args.no_stop_grad or args.no_predictor or args.fixed_predictor)
     assert simsiam.VIEWS[0] == simsiam.VIEWS[1] == dict(
         crop_scale=(0.2, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-        grayscale=0.2, solarize=0.0)
+        grayscale=0.2, solarize=0.0, blur=0.0)
 
     model = simsiam.SimSiam(args.proj_hidden, args.proj_dim, args.pred_hidden)
     layout = [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None),
                getattr(m, "bias", None) is not None or getattr(m, "affine", False)) for m in model.projector]
     assert layout == [("Linear", 512, 2048, False), ("BatchNorm1d", None, None, True), ("ReLU", None, None, False),
                       ("Linear", 2048, 2048, False), ("BatchNorm1d", None, None, False)]
-    assert [m.__class__.__name__.lower().replace("batchnorm1d", "bn") for m in model.projector] == \
-        simsiam.PROJECTOR_LAYERS
+    assert simsiam.layer_names(model.projector) == ["linear", "bn", "relu", "linear", "bn"]
     bottleneck = [(m.in_features, m.out_features, m.bias is not None) for m in model.predictor
                   if isinstance(m, nn.Linear)]
     assert bottleneck == [(2048, 512, False), (512, 2048, True)]
@@ -167,7 +166,8 @@ def collapse_runs(tmp_path_factory):
     args = simsiam.get_args(COLLAPSE_RUN)
     torch.manual_seed(args.seed)  # the model main() starts from
     initial = simsiam.SimSiam(args.proj_hidden, args.proj_dim, args.pred_hidden)
-    at_step0 = simsiam.evaluate(initial, simsiam.prepare_data(args, torch.device("cpu")), args)
+    compute = simsiam.compute_settings("cpu")
+    at_step0 = simsiam.evaluate(initial, simsiam.prepare_data(args, compute.device), args, compute)
     default = simsiam.main([*COLLAPSE_RUN, "--out-dir", str(tmp / "default")])[-1]
     no_stop_grad = simsiam.main([*COLLAPSE_RUN, "--no-stop-grad", "--out-dir", str(tmp / "no-stop-grad")])[-1]
     return at_step0, default, no_stop_grad
