@@ -109,10 +109,15 @@ def regression_loss(prediction, target):
     return 2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
 
+def build_model(args):
+    return BYOL(args.proj_hidden, args.proj_dim, args.pred_hidden)
+
+
 def make_optimizer(model, args):
     """SGD with momentum on the online network (the target has no gradient)."""
     params = [param for param in model.parameters() if param.requires_grad]
-    return torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay,
+                           fused=fused_optimizer(model))
 
 
 def hyperparameters(step, total_steps, steps_per_epoch, args):
@@ -127,8 +132,8 @@ def train_step(model, optimizer, images, hyper, args, data, compute):
     Returns what the log averages over the epoch, as device tensors."""
     for group in optimizer.param_groups:
         group["lr"] = hyper["lr"]
-    view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute.memory_format)
-    view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute.memory_format)
+    view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute)
+    view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute)
     with compute.autocast:
         loss, z1 = model(view1, view2)
     optimizer.zero_grad(set_to_none=True)
@@ -143,11 +148,10 @@ def train_step(model, optimizer, images, hyper, args, data, compute):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args, checkpoint = parse_arguments(argv)
-    compute = compute_settings(args.device)
+    compute = compute_settings(args.device, args.compile)
     data = prepare_data(args, compute.device)
     torch.manual_seed(args.seed)
-    model = BYOL(args.proj_hidden, args.proj_dim, args.pred_hidden)
-    model.to(compute.device, memory_format=compute.memory_format)
+    model = build_model(args).to(compute.device, memory_format=compute.memory_format)
     optimizer = make_optimizer(model, args)
     run = start_run(args, checkpoint, model, optimizer, data, compute)
     while run.step < run.last_step:
@@ -185,7 +189,8 @@ def train_epoch(run):
 
 def evaluate_and_save(run, row, speed, hyper):
     """The end of an epoch (or of --max-steps): every --eval-every epochs the kNN monitor and collapse
-    metrics, a progress line, the metrics file and the figure; then the checkpoint, written atomically."""
+    metrics and a progress line; then, at the first epoch of a run, at its last step and otherwise once
+    a minute (SAVE_EVERY_S), the checkpoint (atomically), the metrics file and the figure."""
     rng, args = rng_state(run.compute.device), run.args
     stop_if_not_finite(row["loss"], row["step"], run.checkpoint_path)
     if row["epoch"] % args.eval_every == 0 or row["epoch"] == args.epochs or row["step"] == run.last_step:
@@ -193,12 +198,15 @@ def evaluate_and_save(run, row, speed, hyper):
         shown = {name: value for name, value in row.items() if isinstance(value, float)}
         print(progress_line(f"epoch {row['epoch']}/{args.epochs}", {**shown, **speed}), flush=True)
         run.history.append({**row, **speed, **hyper})
+    if run.saved_at is None or row["step"] == run.last_step or time.time() - run.saved_at >= SAVE_EVERY_S:
+        save_checkpoint(run.checkpoint_path, dict(
+            script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
+            args=vars(args), data=run.data_info, history=run.history, optimizer=run.optimizer.state_dict(),
+            **checkpoint_entries(run.model, args)))
         write_metrics(run.history, run.out_dir)
-        plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
-    save_checkpoint(run.checkpoint_path, dict(
-        script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
-        args=vars(args), data=run.data_info, history=run.history, optimizer=run.optimizer.state_dict(),
-        **checkpoint_entries(run.model, args)))
+        if run.history:
+            plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
+        run.saved_at = time.time()
 
 
 def evaluate(model, data, args, compute):
@@ -297,12 +305,16 @@ def shared_parser():
     add("--knn-k", type=positive_int, help="neighbours that vote in the kNN monitor")
     add("--knn-t", type=positive_float, help="temperature of the kNN vote weights")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
-    add("--compile", action="store_true", help="torch.compile the training forward pass")
+    add("--compile", action="store_true", help="torch.compile the model's forward pass and the views' pixel work")
     add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
     add("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
     add("--resume", default=None, help="checkpoint.pt of a run to continue")
     return parser
 
+
+# A fast epoch (seconds on a GPU) would spend a large share of its time writing a 190 MB checkpoint
+# and drawing the figure: they are written once a minute, at the first epoch and at the last step.
+SAVE_EVERY_S = 60
 
 # A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
 # --eval-every, --log-every and --data-dir when given again.
@@ -340,14 +352,18 @@ def resume_args(args, saved, given):
     return argparse.Namespace(**resumed)
 
 
-def compute_settings(device_name):
-    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
-    (tensor cores), float32 and the default layout elsewhere."""
+def compute_settings(device_name, compile_views=False):
+    """Where and how the run computes, decided once: bf16 autocast on CUDA (tensor cores), float32
+    elsewhere; channels-last images on CUDA and CPU (the layout of cuDNN's and oneDNN's fastest
+    convolutions; README, Benchmarks), the default layout on MPS; the views' pixel work compiled with
+    --compile (one graph per view shape: dynamic=False, so a run never recompiles)."""
     device = pick_device(device_name)
-    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
-                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    return SimpleNamespace(device=device,
+                           autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+                           memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last,
+                           transform_view=torch.compile(transform_view, dynamic=False) if compile_views
+                           else transform_view)
 
 
 def pick_device(name):
@@ -364,6 +380,11 @@ def pick_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but MPS is not available")
     return device
+
+
+def fused_optimizer(model):
+    """One fused kernel per optimiser step where the device has it (CUDA and CPU)."""
+    return next(model.parameters()).device.type in ("cuda", "cpu")
 
 
 def scaled_lr(args):
@@ -383,7 +404,7 @@ def start_run(args, checkpoint, model, optimizer, data, compute):
         step, history = checkpoint["step"], checkpoint["history"]
         print(f"resumed {args.resume} at step {step}")
     if args.compile:
-        model.compile()  # compiles model(...) in place: the state dict keeps its keys
+        model.compile(dynamic=False)  # compiles model(...) in place: the state dict keeps its keys
     out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
@@ -396,7 +417,7 @@ def start_run(args, checkpoint, model, optimizer, data, compute):
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         last_step=min(total_steps, args.max_steps) if args.max_steps else total_steps,
         step=step, history=[row for row in history if row["epoch"] <= step // steps_per_epoch],
-        rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step,
+        rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step, saved_at=None,
         out_dir=out_dir, checkpoint_path=out_dir / "checkpoint.pt")
 
 
@@ -533,16 +554,23 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def augment(images, view, mean, std, memory_format, out_size=None):
+def augment(images, view, mean, std, compute, out_size=None):
     """One random view of every image at out_size x out_size (default: the images' size), normalised, in
-    the run's memory layout. A view with blur blurs last, after solarization where DINO and BYOL blur
-    first: the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    the run's memory layout: the random parameters drawn here, per image, the pixel work in
+    compute.transform_view (transform_view, compiled with --compile)."""
     batch, _, height, width = images.shape
     params = sample_view_params(batch, height, width, view, images.device)
-    x = apply_view(images, params, out_size or height)
-    if view["blur"]:
-        blurred, sigma = sample_blur(batch, view, images.device)
-        x = torch.where(blurred.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1])), x)
+    return compute.transform_view(images, params, mean, std, out_size or height, compute.memory_format)
+
+
+def transform_view(images, params, mean, std, out_size, memory_format):
+    """A view's pixel work given its parameters: crop, flip, colour jitter, grayscale, solarization, blur,
+    then normalisation. A view with blur blurs last, after solarization where DINO and BYOL blur first:
+    the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    x = apply_view(images, params, out_size)
+    if "blur" in params:
+        blurred = gaussian_blur(x, params["blur_sigma"], blur_kernel_size(out_size))
+        x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
     return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
@@ -559,11 +587,14 @@ def sample_view_params(batch, height, width, view, device):
     factors = torch.stack([factor(view["brightness"]), factor(view["contrast"]), factor(view["saturation"]),
                            torch.ones(batch, device=device)], dim=1)
     hue_shift = torch.where(jitter, torch.empty(batch, device=device).uniform_(-view["hue"], view["hue"]), 0.0)
-    return dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
-                factors=factors, hue_shift=hue_shift,
-                jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
-                grayscale=torch.rand(batch, device=device) < view["grayscale"],
-                solarize=torch.rand(batch, device=device) < view["solarize"])
+    params = dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
+                  factors=factors, hue_shift=hue_shift,
+                  jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
+                  grayscale=torch.rand(batch, device=device) < view["grayscale"],
+                  solarize=torch.rand(batch, device=device) < view["solarize"])
+    if view["blur"]:
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+    return params
 
 
 def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
@@ -700,8 +731,11 @@ def collapse_metric(z):
 
 def effective_rank(z):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
-    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
-    s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
+    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank). The
+    singular values are the square roots of the eigenvalues of the smaller Gram matrix (d x d or
+    n x n), in float64: far cheaper than an SVD of the n x d embedding."""
+    z = F.normalize(z.double(), dim=1)
+    s = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     distribution = s / s.sum()
     return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
 

@@ -320,9 +320,10 @@ def make_optimizer(model, spec, args):
     each learning rate is given per 256 images and scaled by the batch."""
     trainable = [param for param in model.parameters() if param.requires_grad]
     if spec["family"] == "vit":
-        return torch.optim.AdamW(trainable, lr=args.vit_lr * args.batch_size / 256, weight_decay=args.vit_weight_decay)
-    return torch.optim.SGD(trainable, lr=args.lr * args.batch_size / 256, momentum=args.momentum,
-                           weight_decay=args.weight_decay)
+        return torch.optim.AdamW(trainable, lr=base_lr(spec, args), weight_decay=args.vit_weight_decay,
+                                 fused=fused_optimizer(model))
+    return torch.optim.SGD(trainable, lr=base_lr(spec, args), momentum=args.momentum, weight_decay=args.weight_decay,
+                           fused=fused_optimizer(model))
 
 
 def train_step(model, optimizer, images, spec, lr, ema_momentum, data, compute):
@@ -332,8 +333,8 @@ def train_step(model, optimizer, images, spec, lr, ema_momentum, data, compute):
     for group in optimizer.param_groups:
         group["lr"] = lr
     student_view, teacher_view = VIEWS[spec["family"]]
-    view1 = augment(images, student_view, data["mean"], data["std"], compute.memory_format)
-    view2 = augment(images, teacher_view, data["mean"], data["std"], compute.memory_format)
+    view1 = augment(images, student_view, data["mean"], data["std"], compute)
+    view2 = augment(images, teacher_view, data["mean"], data["std"], compute)
     with compute.autocast:
         loss, embedding = model(view1, view2)
     optimizer.zero_grad(set_to_none=True)
@@ -349,7 +350,7 @@ def train_step(model, optimizer, images, spec, lr, ema_momentum, data, compute):
 # ------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = get_args(argv)
-    compute = compute_settings(args.device)
+    compute = compute_settings(args.device, args.compile)
     data = prepare_data(args, compute.device)
     out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -383,7 +384,7 @@ def train_regime(name, args, data, compute):
     model = build_model(spec, args).to(compute.device, memory_format=compute.memory_format)
     optimizer = make_optimizer(model, spec, args)
     if args.compile:
-        model.compile()  # compiles model(...) in place: the state dict keeps its keys
+        model.compile(dynamic=False)  # compiles model(...) in place: the state dict keeps its keys
     steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
     history, spectrum, step, epoch, logged_step, sums = [], None, 0, 0, 0, {}
     start = time.time()
@@ -532,7 +533,7 @@ def build_parser():
     add("--knn-k", type=positive_int, help="neighbours that vote in the kNN monitor")
     add("--knn-t", type=positive_float, help="temperature of the kNN vote weights")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
-    add("--compile", action="store_true", help="torch.compile the training forward pass")
+    add("--compile", action="store_true", help="torch.compile the model's forward pass and the views' pixel work")
     add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
     add("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
     add("--patch-size", type=positive_int, help="ViT patch size")
@@ -603,16 +604,18 @@ fraction = number_type(float, lambda value: 0 <= value <= 1, "in [0, 1]")
 fraction_below_one = number_type(float, lambda value: 0 <= value < 1, "in [0, 1)")
 
 
-# A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
-# --eval-every, --log-every and --data-dir when given again.
-def compute_settings(device_name):
-    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
-    (tensor cores), float32 and the default layout elsewhere."""
+def compute_settings(device_name, compile_views=False):
+    """Where and how the run computes, decided once: bf16 autocast on CUDA (tensor cores), float32
+    elsewhere; channels-last images on CUDA and CPU (the layout of cuDNN's and oneDNN's fastest
+    convolutions; README, Benchmarks), the default layout on MPS; the views' pixel work compiled with
+    --compile (one graph per view shape: dynamic=False, so a run never recompiles)."""
     device = pick_device(device_name)
-    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
-                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    return SimpleNamespace(device=device,
+                           autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+                           memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last,
+                           transform_view=torch.compile(transform_view, dynamic=False) if compile_views
+                           else transform_view)
 
 
 def pick_device(name):
@@ -629,6 +632,11 @@ def pick_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but MPS is not available")
     return device
+
+
+def fused_optimizer(model):
+    """One fused kernel per optimiser step where the device has it (CUDA and CPU)."""
+    return next(model.parameters()).device.type in ("cuda", "cpu")
 
 
 def progress_line(head, values):
@@ -736,16 +744,23 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def augment(images, view, mean, std, memory_format, out_size=None):
+def augment(images, view, mean, std, compute, out_size=None):
     """One random view of every image at out_size x out_size (default: the images' size), normalised, in
-    the run's memory layout. A view with blur blurs last, after solarization where DINO and BYOL blur
-    first: the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    the run's memory layout: the random parameters drawn here, per image, the pixel work in
+    compute.transform_view (transform_view, compiled with --compile)."""
     batch, _, height, width = images.shape
     params = sample_view_params(batch, height, width, view, images.device)
-    x = apply_view(images, params, out_size or height)
-    if view["blur"]:
-        blurred, sigma = sample_blur(batch, view, images.device)
-        x = torch.where(blurred.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1])), x)
+    return compute.transform_view(images, params, mean, std, out_size or height, compute.memory_format)
+
+
+def transform_view(images, params, mean, std, out_size, memory_format):
+    """A view's pixel work given its parameters: crop, flip, colour jitter, grayscale, solarization, blur,
+    then normalisation. A view with blur blurs last, after solarization where DINO and BYOL blur first:
+    the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    x = apply_view(images, params, out_size)
+    if "blur" in params:
+        blurred = gaussian_blur(x, params["blur_sigma"], blur_kernel_size(out_size))
+        x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
     return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
@@ -762,11 +777,14 @@ def sample_view_params(batch, height, width, view, device):
     factors = torch.stack([factor(view["brightness"]), factor(view["contrast"]), factor(view["saturation"]),
                            torch.ones(batch, device=device)], dim=1)
     hue_shift = torch.where(jitter, torch.empty(batch, device=device).uniform_(-view["hue"], view["hue"]), 0.0)
-    return dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
-                factors=factors, hue_shift=hue_shift,
-                jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
-                grayscale=torch.rand(batch, device=device) < view["grayscale"],
-                solarize=torch.rand(batch, device=device) < view["solarize"])
+    params = dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
+                  factors=factors, hue_shift=hue_shift,
+                  jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
+                  grayscale=torch.rand(batch, device=device) < view["grayscale"],
+                  solarize=torch.rand(batch, device=device) < view["solarize"])
+    if view["blur"]:
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+    return params
 
 
 def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
@@ -903,8 +921,11 @@ def collapse_metric(z):
 
 def effective_rank(z):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
-    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
-    s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
+    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank). The
+    singular values are the square roots of the eigenvalues of the smaller Gram matrix (d x d or
+    n x n), in float64: far cheaper than an SVD of the n x d embedding."""
+    z = F.normalize(z.double(), dim=1)
+    s = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     distribution = s / s.sum()
     return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
 

@@ -85,10 +85,27 @@ def mlp(in_dim, hidden_dim, out_dim):
                          nn.Linear(hidden_dim, out_dim))
 
 
-def direct_predictor(F_hat, eps):
-    """Wang et al. 2021: W_p = F-hat / |F-hat|_2 + eps I. The spectral norm of the positive
-    semi-definite F-hat is its largest eigenvalue; no eigenvector is needed."""
-    return F_hat / torch.linalg.matrix_norm(F_hat, ord=2) + eps * torch.eye(len(F_hat), device=F_hat.device)
+def top_eigenpair(F_hat, vector, squarings=8, iterations=20):
+    """The largest eigenvalue of the positive semi-definite F-hat and its eigenvector, with matrix
+    products alone (eigh and a spectral norm wait for the GPU): power iteration on F-hat^256, eight
+    squarings each scaled by its trace, so every other direction shrinks by (s_2 / s_1)^256 a step,
+    warm-started from the previous step's eigenvector, then the Rayleigh quotient. In float64."""
+    power = F_hat / F_hat.trace().clamp_min(1e-300)
+    for _ in range(squarings):
+        power = power @ power
+        power = power / power.trace().clamp_min(1e-300)
+    for _ in range(iterations):
+        vector = power @ vector
+        vector = vector / vector.norm().clamp_min(1e-300)
+    return vector @ F_hat @ vector, vector
+
+
+def direct_predictor(F_hat, eps, vector):
+    """Wang et al. 2021: W_p = F-hat / |F-hat|_2 + eps I. The spectral norm of the positive semi-definite
+    F-hat is its largest eigenvalue, found by power iteration (no eigenvector decomposition, no host
+    sync). Returns W_p and the top eigenvector, the next step's warm start."""
+    top, vector = top_eigenpair(F_hat, vector)
+    return F_hat / top + eps * torch.eye(len(F_hat), dtype=F_hat.dtype, device=F_hat.device), vector
 
 
 class BYOL(nn.Module):
@@ -100,8 +117,11 @@ class BYOL(nn.Module):
         self.predictor = nn.Linear(proj_dim, proj_dim, bias=False).requires_grad_(predictor == "sgd")
         self.symmetric = symmetric
         # F-hat: running average of E[z z^T] over the online projections of both views, a statistic
-        # of the data like batch norm's running mean, so it is saved and restored with the weights.
-        self.register_buffer("F_hat", torch.zeros(proj_dim, proj_dim))
+        # of the data like batch norm's running mean, so it is saved and restored with the weights; in
+        # float64, so that round-off leaves no negative eigenvalue of note. With it, the top eigenvector
+        # that warm-starts the power iteration of direct_predictor.
+        self.register_buffer("F_hat", torch.zeros(proj_dim, proj_dim, dtype=torch.float64))
+        self.register_buffer("top_eigenvector", torch.full((proj_dim,), proj_dim ** -0.5, dtype=torch.float64))
         # The target starts as a copy of the online backbone and projector and is only ever moved
         # towards them by the EMA (BYOL Sec. 3.1, Eq. 1): no gradient reaches it.
         self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
@@ -126,13 +146,15 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_correlation(self, z1, z2, rho):
-        """Tian et al. Eq. 19: F-hat <- rho F-hat + (1 - rho) mean of z z^T over both views (float32)."""
-        z = torch.cat([z1, z2]).float()
+        """Tian et al. Eq. 19: F-hat <- rho F-hat + (1 - rho) mean of z z^T over both views (float64)."""
+        z = torch.cat([z1, z2]).double()
         self.F_hat.lerp_(z.T @ z / len(z), 1 - rho)
 
     @torch.no_grad()
     def set_predictor(self, eps):
-        self.predictor.weight.copy_(direct_predictor(self.F_hat, eps))
+        weight, vector = direct_predictor(self.F_hat, eps, self.top_eigenvector)
+        self.predictor.weight.copy_(weight)
+        self.top_eigenvector.copy_(vector)
 
     @torch.no_grad()
     def update_target(self, momentum):
@@ -147,10 +169,15 @@ def regression_loss(prediction, target):
     return 2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
 
+def build_model(args):
+    return BYOL(args.proj_hidden, args.proj_dim, args.predictor, args.symmetric)
+
+
 def make_optimizer(model, args):
     """SGD with momentum on the online network (the target has no gradient, nor a direct predictor)."""
     params = [param for param in model.parameters() if param.requires_grad]
-    return torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=scaled_lr(args), momentum=args.momentum, weight_decay=args.weight_decay,
+                           fused=fused_optimizer(model))
 
 
 def hyperparameters(step, total_steps, steps_per_epoch, args):
@@ -169,8 +196,8 @@ def train_step(model, optimizer, images, hyper, args, data, compute):
     Returns what the log averages over the epoch, as device tensors."""
     for group in optimizer.param_groups:
         group["lr"] = hyper["lr"]
-    view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute.memory_format)
-    view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute.memory_format)
+    view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute)
+    view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute)
     with compute.autocast:
         loss, z1, z2 = model(view1, view2)
     optimizer.zero_grad(set_to_none=True)
@@ -208,8 +235,7 @@ def main(argv=None):
     compute = compute_settings(args.device)
     data = prepare_data(args, compute.device)
     torch.manual_seed(args.seed)
-    model = BYOL(args.proj_hidden, args.proj_dim, args.predictor, args.symmetric)
-    model.to(compute.device, memory_format=compute.memory_format)
+    model = build_model(args).to(compute.device, memory_format=compute.memory_format)
     optimizer = make_optimizer(model, args)
     run = start_run(args, checkpoint, model, optimizer, data, compute)
     while run.step < run.last_step:
@@ -247,7 +273,8 @@ def train_epoch(run):
 
 def evaluate_and_save(run, row, speed, hyper):
     """The end of an epoch (or of --max-steps): every --eval-every epochs the kNN monitor and collapse
-    metrics, a progress line, the metrics file and the figure; then the checkpoint, written atomically."""
+    metrics and a progress line; then, at the first epoch of a run, at its last step and otherwise once
+    a minute (SAVE_EVERY_S), the checkpoint (atomically), the metrics file and the figure."""
     rng, args = rng_state(run.compute.device), run.args
     stop_if_not_finite(row["loss"], row["step"], run.checkpoint_path)
     if row["epoch"] % args.eval_every == 0 or row["epoch"] == args.epochs or row["step"] == run.last_step:
@@ -255,12 +282,15 @@ def evaluate_and_save(run, row, speed, hyper):
         shown = {name: value for name, value in row.items() if isinstance(value, float)}
         print(progress_line(f"epoch {row['epoch']}/{args.epochs}", {**shown, **speed}), flush=True)
         run.history.append({**row, **speed, **hyper})
+    if run.saved_at is None or row["step"] == run.last_step or time.time() - run.saved_at >= SAVE_EVERY_S:
+        save_checkpoint(run.checkpoint_path, dict(
+            script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
+            args=vars(args), data=run.data_info, history=run.history, optimizer=run.optimizer.state_dict(),
+            **checkpoint_entries(run.model, args)))
         write_metrics(run.history, run.out_dir)
-        plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
-    save_checkpoint(run.checkpoint_path, dict(
-        script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
-        args=vars(args), data=run.data_info, history=run.history, optimizer=run.optimizer.state_dict(),
-        **checkpoint_entries(run.model, args)))
+        if run.history:
+            plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
+        run.saved_at = time.time()
 
 
 def evaluate(model, data, args, compute):
@@ -373,12 +403,16 @@ def shared_parser():
     add("--knn-k", type=positive_int, help="neighbours that vote in the kNN monitor")
     add("--knn-t", type=positive_float, help="temperature of the kNN vote weights")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
-    add("--compile", action="store_true", help="torch.compile the training forward pass")
+    add("--compile", action="store_true", help="torch.compile the model's forward pass and the views' pixel work")
     add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
     add("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
     add("--resume", default=None, help="checkpoint.pt of a run to continue")
     return parser
 
+
+# A fast epoch (seconds on a GPU) would spend a large share of its time writing a 190 MB checkpoint
+# and drawing the figure: they are written once a minute, at the first epoch and at the last step.
+SAVE_EVERY_S = 60
 
 # A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
 # --eval-every, --log-every and --data-dir when given again.
@@ -416,14 +450,18 @@ def resume_args(args, saved, given):
     return argparse.Namespace(**resumed)
 
 
-def compute_settings(device_name):
-    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
-    (tensor cores), float32 and the default layout elsewhere."""
+def compute_settings(device_name, compile_views=False):
+    """Where and how the run computes, decided once: bf16 autocast on CUDA (tensor cores), float32
+    elsewhere; channels-last images on CUDA and CPU (the layout of cuDNN's and oneDNN's fastest
+    convolutions; README, Benchmarks), the default layout on MPS; the views' pixel work compiled with
+    --compile (one graph per view shape: dynamic=False, so a run never recompiles)."""
     device = pick_device(device_name)
-    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
-                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    return SimpleNamespace(device=device,
+                           autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+                           memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last,
+                           transform_view=torch.compile(transform_view, dynamic=False) if compile_views
+                           else transform_view)
 
 
 def pick_device(name):
@@ -440,6 +478,11 @@ def pick_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but MPS is not available")
     return device
+
+
+def fused_optimizer(model):
+    """One fused kernel per optimiser step where the device has it (CUDA and CPU)."""
+    return next(model.parameters()).device.type in ("cuda", "cpu")
 
 
 def scaled_lr(args):
@@ -459,7 +502,7 @@ def start_run(args, checkpoint, model, optimizer, data, compute):
         step, history = checkpoint["step"], checkpoint["history"]
         print(f"resumed {args.resume} at step {step}")
     if args.compile:
-        model.compile()  # compiles model(...) in place: the state dict keeps its keys
+        model.compile(dynamic=False)  # compiles model(...) in place: the state dict keeps its keys
     out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
@@ -472,7 +515,7 @@ def start_run(args, checkpoint, model, optimizer, data, compute):
         steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         last_step=min(total_steps, args.max_steps) if args.max_steps else total_steps,
         step=step, history=[row for row in history if row["epoch"] <= step // steps_per_epoch],
-        rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step,
+        rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step, saved_at=None,
         out_dir=out_dir, checkpoint_path=out_dir / "checkpoint.pt")
 
 
@@ -609,16 +652,23 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def augment(images, view, mean, std, memory_format, out_size=None):
+def augment(images, view, mean, std, compute, out_size=None):
     """One random view of every image at out_size x out_size (default: the images' size), normalised, in
-    the run's memory layout. A view with blur blurs last, after solarization where DINO and BYOL blur
-    first: the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    the run's memory layout: the random parameters drawn here, per image, the pixel work in
+    compute.transform_view (transform_view, compiled with --compile)."""
     batch, _, height, width = images.shape
     params = sample_view_params(batch, height, width, view, images.device)
-    x = apply_view(images, params, out_size or height)
-    if view["blur"]:
-        blurred, sigma = sample_blur(batch, view, images.device)
-        x = torch.where(blurred.view(-1, 1, 1, 1), gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1])), x)
+    return compute.transform_view(images, params, mean, std, out_size or height, compute.memory_format)
+
+
+def transform_view(images, params, mean, std, out_size, memory_format):
+    """A view's pixel work given its parameters: crop, flip, colour jitter, grayscale, solarization, blur,
+    then normalisation. A view with blur blurs last, after solarization where DINO and BYOL blur first:
+    the two differ only for the images that draw both (2% of BYOL's and DINO's second views)."""
+    x = apply_view(images, params, out_size)
+    if "blur" in params:
+        blurred = gaussian_blur(x, params["blur_sigma"], blur_kernel_size(out_size))
+        x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
     return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
@@ -635,11 +685,14 @@ def sample_view_params(batch, height, width, view, device):
     factors = torch.stack([factor(view["brightness"]), factor(view["contrast"]), factor(view["saturation"]),
                            torch.ones(batch, device=device)], dim=1)
     hue_shift = torch.where(jitter, torch.empty(batch, device=device).uniform_(-view["hue"], view["hue"]), 0.0)
-    return dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
-                factors=factors, hue_shift=hue_shift,
-                jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
-                grayscale=torch.rand(batch, device=device) < view["grayscale"],
-                solarize=torch.rand(batch, device=device) < view["solarize"])
+    params = dict(crop=crop, flip=torch.rand(batch, device=device) < view["flip"], jitter=jitter,
+                  factors=factors, hue_shift=hue_shift,
+                  jitter_order=torch.rand(batch, 4, device=device).argsort(dim=1),  # a random order per image
+                  grayscale=torch.rand(batch, device=device) < view["grayscale"],
+                  solarize=torch.rand(batch, device=device) < view["solarize"])
+    if view["blur"]:
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+    return params
 
 
 def sample_crop_boxes(batch, height, width, scale, ratio, device, tries=10):
@@ -776,8 +829,11 @@ def collapse_metric(z):
 
 def effective_rank(z):
     """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the
-    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank)."""
-    s = torch.linalg.svdvals(F.normalize(z.float(), dim=1))
+    l2-normalised embedding, uncentred so that a single point has rank 1 (not noise-level rank). The
+    singular values are the square roots of the eigenvalues of the smaller Gram matrix (d x d or
+    n x n), in float64: far cheaper than an SVD of the n x d embedding."""
+    z = F.normalize(z.double(), dim=1)
+    s = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     distribution = s / s.sum()
     return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
 

@@ -525,14 +525,14 @@ def plot_result(result, path):
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
-def compute_settings(device_name):
-    """Where and how the run computes, decided once: bf16 autocast and channels-last images on CUDA
-    (tensor cores), float32 and the default layout elsewhere."""
+def eval_compute_settings(device_name):
+    """The training scripts' compute_settings without their views (this tool augments nothing on the
+    device): bf16 autocast on CUDA, float32 elsewhere; channels-last images on CUDA and CPU."""
     device = pick_device(device_name)
-    cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    return SimpleNamespace(device=device, autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
-                           memory_format=torch.channels_last if cuda else torch.contiguous_format)
+    return SimpleNamespace(device=device,
+                           autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
+                           memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last)
 
 
 def pick_device(name):
@@ -556,7 +556,7 @@ def main(argv=None):
     checkpoint_path = Path(args.checkpoint)
     checkpoint = load_checkpoint(checkpoint_path)
     backbone = build_backbone(checkpoint, checkpoint_path)
-    compute = compute_settings(args.device)
+    compute = eval_compute_settings(args.device)
     device = compute.device
     out_dir = Path(args.out_dir) if args.out_dir else checkpoint_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)

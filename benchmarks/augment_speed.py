@@ -41,7 +41,8 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    compute = byol.compute_settings(args.device)
+    device = compute.device
     view = byol.VIEWS[1]
     if args.data_dir:
         images = byol.read_image_folder(Path(args.data_dir) / "test", args.img_size)[0]
@@ -52,7 +53,7 @@ def main():
     on_device = images.to(device)
 
     def batched():
-        byol.augment(on_device, view, mean, std)
+        byol.augment(on_device, view, mean, std, compute)
         if device.type == "cuda":
             torch.cuda.synchronize()
 

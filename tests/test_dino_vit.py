@@ -58,10 +58,10 @@ def test_augment_blurs_only_the_images_drawn_for_it():
     view = {**dino_vit.LOCAL_VIEW, "blur": 0.5}
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     torch.manual_seed(1)
-    out = dino_vit.augment(images, view, zero, one, torch.contiguous_format, 8)
+    out = dino_vit.augment(images, view, zero, one, dino_vit.compute_settings("cpu"), 8)
     torch.manual_seed(1)
     params = dino_vit.sample_view_params(64, 16, 16, view, "cpu")
-    blur, sigma = dino_vit.sample_blur(64, view, "cpu")
+    blur, sigma = params["blur"], params["blur_sigma"]
     plain = dino_vit.apply_view(images, params, 8)
     torch.testing.assert_close(out[~blur], plain[~blur])
     torch.testing.assert_close(out[blur], dino_vit.gaussian_blur(plain, sigma, 3)[blur])
