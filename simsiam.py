@@ -186,7 +186,10 @@ def train_epoch(run):
             break
     seconds, done = time.time() - started, run.step - first_step
     row = dict(epoch=epoch + 1, step=run.step, **{name: total.item() / done for name, total in sums.items()})
-    return row, dict(images_per_s=done * args.batch_size / seconds, epoch_time_s=seconds), hyper
+    speed = dict(images_per_s=done * args.batch_size / seconds, epoch_time_s=seconds)
+    if run.compute.device.type == "cuda":
+        speed["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.compute.device) / 2**30
+    return row, speed, hyper
 
 
 def evaluate_and_save(run, row, speed, hyper):

@@ -29,7 +29,7 @@ def images_per_second(fn, batch, repeats, rounds=5):
     return batch * repeats / best
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=32)
@@ -38,7 +38,7 @@ def main():
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--data-dir", default=None, help="time on images of DIR/test (ImageFolder) "
                    "instead of random pixels")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     compute = byol.compute_settings(args.device)
@@ -77,6 +77,7 @@ def main():
     print(f"batched on {device} ({torch.get_num_threads()} threads): {fast:,.0f} images/s")
     print(f"torchvision PIL, per image: {slow:,.0f} images/s")
     print(f"speed-up: {fast / slow:.1f}x")
+    return fast, slow
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 128 elsewhere")
     parser.add_argument("--img-size", type=int, default=32, help="image size")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 5 elsewhere)")
-    parser.add_argument("--warmup", type=int, default=None, help="steps before timing (default: 10 on CUDA, 2 elsewhere)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, else 2)")
     parser.add_argument("--eval-train", type=int, default=0, help="kNN memory bank (default: 50000 on CUDA, 2000)")
     parser.add_argument("--eval-test", type=int, default=0, help="kNN test images (default: 10000 on CUDA, 500)")
     parser.add_argument("--compile", action="store_true", help="the scripts' --compile path")
