@@ -49,6 +49,8 @@ SCRIPT = Path(__file__).stem
 RECIPE = dict(
     epochs=100,                     # as the other scripts (DINO trains 100-800 ImageNet epochs)
     batch_size=512,                 # as byol.py and simsiam.py (official: 1024 over 16 GPUs)
+    # The loss is Eq. 3 averaged over the crop pairs, the official code's scale (and AdamW's step does
+    # not grow with the loss's scale, apart from the decoupled weight decay).
     lr=5e-4,                        # DINO Sec. 3.2 and official code: 0.0005 x batch/256
     beta1=0.9,                      # AdamW's first-moment decay (official code: PyTorch's default)
     weight_decay=0.04,              # official code: a cosine from 0.04 to 0.4

@@ -44,6 +44,8 @@ SCRIPT = Path(__file__).stem
 RECIPE = dict(
     epochs=100,          # the length of the reproduction's CIFAR-10 tables (KTH report, Table 1)
     batch_size=128,      # Tian et al.'s CIFAR-10 code (facebookresearch/luckmatters, ssl/real-dataset)
+    # luckmatters' loss is -2 cos per view pair, summed over the two views, batch mean (byol_trainer.py):
+    # ours, (2 - 2 cos) summed the same way, differs by a constant, so the same lr is the same update.
     lr=0.06,             # per 256 images, scaled by batch/256: luckmatters' 0.03 at batch 128, held constant
     momentum=0.9,        # luckmatters
     weight_decay=4e-4,   # luckmatters

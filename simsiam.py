@@ -41,6 +41,8 @@ SCRIPT = Path(__file__).stem
 RECIPE = dict(
     epochs=100,          # the length of the reproduction's CIFAR-10 tables (KTH report, Table 1)
     batch_size=512,      # SimSiam Appendix D (CIFAR-10)
+    # The loss is the paper's, D(p1, z2) / 2 + D(p2, z1) / 2 (Eq. 2, and the official code's scale), so the
+    # paper's learning rate is its update.
     lr=0.03,             # per 256 images, scaled by batch/256: Appendix D, base lr 0.03
     momentum=0.9,        # Appendix D
     weight_decay=5e-4,   # Appendix D

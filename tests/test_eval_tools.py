@@ -121,8 +121,8 @@ def test_linear_eval_caches_features_by_checkpoint_hash_and_finds_rank1_at_chanc
 
 
 def test_linear_eval_with_augmentation_recomputes_features(byol_run, tmp_path):
-    plain = linear_eval.main([str(byol_run[0]), "--epochs", "3", "--out-dir", str(tmp_path), *EVAL])
-    augmented = linear_eval.main([str(byol_run[0]), "--aug", "--epochs", "3", "--out-dir", str(tmp_path), *EVAL])
+    plain = linear_eval.main([str(byol_run[0]), "--epochs", "10", "--out-dir", str(tmp_path), *EVAL])
+    augmented = linear_eval.main([str(byol_run[0]), "--aug", "--epochs", "10", "--out-dir", str(tmp_path), *EVAL])
     assert augmented["protocol"]["aug"] and not plain["protocol"]["aug"]
     assert augmented["history"][0]["loss"] != plain["history"][0]["loss"]
     assert augmented["knn_top1_k20"] == plain["knn_top1_k20"]  # kNN always on un-augmented features
