@@ -9,16 +9,22 @@ predictor and the slow target are what keep every image from mapping to one poin
 Usage:
     python byol.py --epochs 100                                  # CIFAR-10, downloaded to ./data
     python byol.py --dataset folder --data-dir DIR               # DIR/train/<class>/*, DIR/test/<class>/*
-    python byol.py --dataset synthetic --epochs 2 --device cpu   # a quick check, no download
     python byol.py --resume runs/byol-<time>/checkpoint.pt       # continue a stopped run
+    python byol.py --dataset synthetic --subset 512 --batch-size 128 --img-size 16 --epochs 2
+        # a quick check without download: half a minute on 2 CPU cores
 
 Result of the default command: not yet measured (no GPU run so far; the CPU checks are in the README).
 """
 import argparse
+import contextlib
 import copy
+import errno
+import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
+
+try:
+    import fcntl  # POSIX: the lock that keeps two processes out of one run folder
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
 
 SCRIPT = Path(__file__).stem
 
@@ -157,36 +168,40 @@ def main(argv=None):
     model = build_model(args).to(compute.device, memory_format=compute.memory_format)
     optimizer = make_optimizer(model, args)
     run = start_run(args, checkpoint, model, optimizer, data, compute)
-    while run.step < run.last_step:
-        row, speed, hyper = train_epoch(run)
-        evaluate_and_save(run, row, speed, hyper)
+    with training_frame(run):
+        while run.step < run.last_step:
+            row, speed, hyper = train_epoch(run)
+            evaluate_and_save(run, row, speed, hyper)
     return finish_run(run)
 
 
 def train_epoch(run):
-    """The steps of one epoch from run.step on (a run resumed inside an epoch skips the done ones), with a
-    progress line every --log-every steps. Returns the epoch's row (the step metrics averaged), its speed,
-    and the hyperparameters of its last step."""
+    """The steps of one epoch from run.step on (a run resumed inside an epoch skips the done ones and
+    goes on from the checkpoint's sums of them), with a progress line every --log-every steps and at the
+    epoch's end. Returns the epoch's row (the step metrics averaged over the epoch), its speed, and the
+    hyperparameters of its last step."""
     args, epoch = run.args, run.step // run.steps_per_epoch
-    started, first_step, sums = time.time(), run.step, {}
+    epoch_start, started, first_step = epoch * run.steps_per_epoch, time.time(), run.step
+    sums = run.epoch_sums if run.step > epoch_start else {}
     for batch_indices in epoch_batches(epoch, run):
         hyper = hyperparameters(run.step, run.total_steps, run.steps_per_epoch, args)
         images = run.data["train_x"][batch_indices]
         metrics = train_step(run.model, run.optimizer, images, hyper, args, run.data, run.compute)
         sums = {name: sums.get(name, 0) + value for name, value in metrics.items()}
         run.step += 1
-        if run.step % args.log_every == 0 or run.step == run.last_step:
-            # The only host sync of the loop, once every log_every steps.
-            means = {name: total.item() / (run.step - first_step) for name, total in sums.items()}
-            stop_if_not_finite(means["loss"], run.step, run.checkpoint_path)
+        if run.step % args.log_every == 0 or run.step % run.steps_per_epoch == 0 or run.step == run.last_step:
+            # The only host syncs of the loop, at these steps alone.
+            means = {name: total.item() / (run.step - epoch_start) for name, total in sums.items()}
+            stop_if_not_finite(means, run.model, run.step, run.checkpoint_path)
             speed = (run.step - run.first_step) * args.batch_size / (time.time() - run.started)
             eta = format_seconds((run.last_step - run.step) * args.batch_size / speed)
             print(progress_line(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{run.last_step}",
                                 dict(means, lr=hyper["lr"], images_per_s=speed, eta=eta)), flush=True)
         if run.step == run.last_step:
             break
-    seconds, done = time.time() - started, run.step - first_step
-    row = dict(epoch=epoch + 1, step=run.step, **{name: total.item() / done for name, total in sums.items()})
+    seconds, done, counted = time.time() - started, run.step - first_step, run.step - epoch_start
+    run.epoch_sums = sums
+    row = dict(epoch=epoch + 1, step=run.step, **{name: total.item() / counted for name, total in sums.items()})
     speed = dict(images_per_s=done * args.batch_size / seconds, epoch_time_s=seconds)
     if run.compute.device.type == "cuda":
         speed["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.compute.device) / 2**30
@@ -198,17 +213,23 @@ def evaluate_and_save(run, row, speed, hyper):
     metrics and a progress line; then, at the first epoch of a run, at its last step and otherwise once
     a minute (SAVE_EVERY_S), the checkpoint (atomically), the metrics file and the figure."""
     rng, args = rng_state(run.compute.device), run.args
-    stop_if_not_finite(row["loss"], row["step"], run.checkpoint_path)
+    stop_if_not_finite(row, run.model, row["step"], run.checkpoint_path)
     if row["epoch"] % args.eval_every == 0 or row["epoch"] == args.epochs or row["step"] == run.last_step:
         row.update(evaluate(run.model, run.data, args, run.compute))
+        stop_if_not_finite(row, run.model, row["step"], run.checkpoint_path)
         shown = {name: value for name, value in row.items() if isinstance(value, float)}
         print(progress_line(f"epoch {row['epoch']}/{args.epochs}", {**shown, **speed}), flush=True)
         run.history.append({**row, **speed, **hyper})
     if run.saved_at is None or row["step"] == run.last_step or time.time() - run.saved_at >= SAVE_EVERY_S:
+        # Inside an epoch (--max-steps), the sums of its steps so far: the resumed run goes on from them.
+        inside = row["step"] % run.steps_per_epoch != 0
+        epoch_sums = {name: total.item() for name, total in run.epoch_sums.items()} if inside else {}
+        # The checkpoint first: the metrics file and the figure never run ahead of it.
         save_checkpoint(run.checkpoint_path, dict(
             script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
-            args=vars(args), data=run.data_info, history=run.history, optimizer=run.optimizer.state_dict(),
-            **checkpoint_entries(run.model, args)))
+            args=vars(args), data=run.data_info, history=run.history, epoch_sums=epoch_sums,
+            optimizer=run.optimizer.state_dict(), **checkpoint_entries(run.model, args)))
+        run.saved_step = row["step"]
         write_metrics(run.history, run.out_dir)
         if run.history:
             plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
@@ -302,7 +323,8 @@ def shared_parser():
     add("--subset", type=non_negative_int, default=0, help="train on a random N images of the train split (0: all)")
     add("--epochs", type=positive_int, help="length of the schedules")
     add("--max-steps", type=non_negative_int, default=0, help="stop after this many steps in all (0: no limit)")
-    add("--batch-size", type=positive_int, help="images per step")
+    add("--batch-size", type=number_type(int, lambda value: value >= 2, ">= 2 (batch statistics need two images)"),
+        help="images per step")
     add("--lr", type=positive_float, help="learning rate for batch 256, scaled by batch/256")
     add("--weight-decay", type=non_negative_float, help="weight decay")
     add("--warmup-epochs", type=non_negative_float, help="linear learning-rate warm-up")
@@ -313,7 +335,7 @@ def shared_parser():
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--compile", action="store_true", help="torch.compile the model's forward pass and the views' pixel work")
     add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
-    add("--out-dir", default=None, help="run folder (default: runs/<script>-<time>)")
+    add("--out-dir", default=None, help="run folder; None: a new one, runs/<script>-<time>")
     add("--resume", default=None, help="checkpoint.pt of a run to continue")
     return parser
 
@@ -403,28 +425,117 @@ def start_run(args, checkpoint, model, optimizer, data, compute):
     An epoch stopped inside is redone from the checkpoint's step, so its history row is dropped."""
     steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
     total_steps = args.epochs * steps_per_epoch
-    step, history = 0, []
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    data_info = dict(dataset=args.dataset, img_size=args.img_size, num_classes=len(data["classes"]),
+                     classes=list(data["classes"]), num_train=len(data["train_x"]), num_test=len(data["test_x"]),
+                     fingerprint=data["fingerprint"], mean=data["mean"].flatten().tolist(),
+                     std=data["std"].flatten().tolist())
+    step, history, epoch_sums = 0, [], {}
     if checkpoint:
+        check_same_data(checkpoint["data"], data_info, args)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, history = checkpoint["step"], checkpoint["history"]
-        print(f"resumed {args.resume} at step {step}")
+        epoch_sums = {name: torch.tensor(total, device=compute.device)
+                      for name, total in checkpoint.get("epoch_sums", {}).items()}
     if args.compile:
         model.compile(dynamic=False)  # compiles model(...) in place: the state dict keeps its keys
-    out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, folder_lock, created_folder = claim_run_folder(args.out_dir, args.resume)
+    if checkpoint:
+        print(f"resumed {args.resume} at step {step}")
     print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
           f"{steps_per_epoch} steps per epoch, writing to {out_dir}")
-    data_info = dict(dataset=args.dataset, img_size=args.img_size, num_classes=len(data["classes"]),
-                     classes=list(data["classes"]), mean=data["mean"].flatten().tolist(),
-                     std=data["std"].flatten().tolist())
+    warmup_steps = int(args.warmup_epochs * steps_per_epoch)
+    if warmup_steps >= last_step > step:
+        print(f"warning: the {args.warmup_epochs:g}-epoch warm-up ({warmup_steps} steps) is as long as the run "
+              f"({last_step} steps): the learning rate never reaches its peak")
     return SimpleNamespace(
         args=args, model=model, optimizer=optimizer, data=data, compute=compute, data_info=data_info,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        last_step=min(total_steps, args.max_steps) if args.max_steps else total_steps,
-        step=step, history=[row for row in history if row["epoch"] <= step // steps_per_epoch],
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step, step=step,
+        history=[row for row in history if row["epoch"] <= step // steps_per_epoch], epoch_sums=epoch_sums,
         rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step, saved_at=None,
-        out_dir=out_dir, checkpoint_path=out_dir / "checkpoint.pt")
+        saved_step=step if checkpoint else None, out_dir=out_dir, folder_lock=folder_lock,
+        created_folder=created_folder, checkpoint_path=out_dir / "checkpoint.pt")
+
+
+# What a run writes into its folder; a folder holding any of them belongs to a run.
+RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", f"{SCRIPT}.png")
+
+
+def claim_run_folder(out_dir, resume):
+    """The run's folder, held by this process alone until it ends: a new run never writes where another
+    run's outputs are, a resumed one only into its own folder, and two processes never share one (an
+    exclusive lock on the folder, which the system drops when the process ends, however it ends). A new
+    default folder is created exclusively, with -2, -3, ... if another run took the name in the same
+    second. Leftover temporary files of a write that was killed are removed. Returns the folder, its
+    lock, and whether this run created it."""
+    created = True
+    if out_dir is None and resume is None:
+        stamp, number = time.strftime("%Y%m%d-%H%M%S"), 1
+        folder = Path("runs") / f"{SCRIPT}-{stamp}"
+        while True:
+            try:
+                folder.mkdir(parents=True)
+                break
+            except FileExistsError:
+                number += 1
+                folder = Path("runs") / f"{SCRIPT}-{stamp}-{number}"
+            except OSError as error:
+                fail(f"cannot create the run folder {folder} ({error.strerror})")
+    else:
+        folder = Path(out_dir) if out_dir is not None else Path(resume).parent
+        created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"cannot create the run folder {folder} ({error.strerror or error})")
+    try:
+        lock = os.open(folder, os.O_RDONLY)
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        fail(f"another process is writing to {folder}; wait for it to end or choose another --out-dir")
+    if not os.access(folder, os.W_OK):
+        os.close(lock)
+        fail(f"cannot write to the run folder {folder} (permission denied)")
+    own = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if found and not own:
+        os.close(lock)
+        fail(f"{folder} holds another run's outputs ({', '.join(found)}); continue that run with --resume "
+             f"{folder / 'checkpoint.pt'}, or choose another --out-dir")
+    for stale in folder.glob("*.tmp"):
+        stale.unlink()
+    return folder, lock, created
+
+
+@contextlib.contextmanager
+def training_frame(run):
+    """Around the training loop: Ctrl-C stops the run with how to go on (exit code 130), the run folder's
+    lock is released however the loop ends, and a folder this run created is removed if the run stopped
+    before writing anything into it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        saved = (f"{run.checkpoint_path} holds step {run.saved_step}: continue with --resume {run.checkpoint_path}"
+                 if run.saved_step is not None else "no checkpoint was written yet")
+        print(f"\n{SCRIPT}.py: interrupted at step {run.step}; {saved}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        os.close(run.folder_lock)
+        if run.created_folder and not any(run.out_dir.iterdir()):
+            run.out_dir.rmdir()
+
+
+def check_same_data(saved, current, args):
+    """A resumed run must train on the data it started on: the same classes, image counts and pixels
+    (the fingerprint of the decoded splits), whatever --data-dir now points at."""
+    differing = [name for name in ("dataset", "img_size", "classes", "num_train", "num_test", "fingerprint")
+                 if name in saved and saved[name] != current[name]]
+    if differing:
+        fail(f"--data-dir {args.data_dir} holds other data than the checkpoint was trained on (differing: "
+             f"{', '.join(differing)}); resume with the run's own data, or start a new run")
 
 
 def finish_run(run):
@@ -460,40 +571,69 @@ def format_seconds(seconds):
     return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
-def stop_if_not_finite(loss, step, checkpoint_path):
-    """A NaN/inf loss ends the run before anything is saved, so the checkpoint on disk stays good."""
-    if not math.isfinite(loss):
+def stop_if_not_finite(values, model, step, checkpoint_path):
+    """A NaN/inf among the logged values (loss, evaluation metrics) or in the weights and batch-norm
+    statistics ends the run before anything more is evaluated or saved, so the checkpoint on disk stays
+    good. Weights: x * 0 is 0 for a finite x and NaN otherwise, so one norm per tensor, all in two fused
+    calls, tells (one host sync; at progress lines and epochs only)."""
+    problems = [f"{name} is {value}" for name, value in values.items()
+                if isinstance(value, float) and not math.isfinite(value)]
+    tensors = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
+    if torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0))).sum().item() != 0:
+        problems.append("the weights hold NaN or inf")
+    if problems:
         kept = f"{checkpoint_path} is the last good one" if checkpoint_path.exists() else "no checkpoint was written"
-        fail(f"loss is {loss} at step {step}; stopped without saving ({kept}); try a lower --lr")
+        fail(f"{' and '.join(problems)} at step {step}; stopped without saving ({kept}); try a lower --lr")
 
 
 # --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
 def prepare_data(args, device):
     data = load_dataset(args)
-    if args.subset:
-        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(args.seed))
-        keep = keep[:args.subset]
-        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
     if len(data["train_x"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
     pixels = data["train_x"][:10000].float() / 255
     data["mean"] = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
     data["std"] = pixels.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    data["fingerprint"] = fingerprint(data)
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
 
 
+def subset_indices(num_images, args):
+    """The train images of --subset N: the first N of a permutation drawn from --seed (None: all)."""
+    if args.subset > num_images:
+        fail(f"--subset {args.subset} is larger than the {num_images} images of the train split")
+    if not args.subset:
+        return None
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+
+
+def fingerprint(data):
+    """A hash of both splits' pixels and labels: what a resumed run checks it trains on the same images."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        digest.update(data[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
-    if args.dataset == "synthetic":
-        return synthetic_dataset(args.img_size, seed=args.seed)
+    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU, the train
+    split cut to --subset (an image folder decodes only those)."""
     if args.dataset == "folder":
         root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size)
+        train_x, train_y, classes = read_image_folder(root / "train", args.img_size, args)
         test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
         if test_classes != classes:
             fail(f"{root}/train and {root}/test have different class folders")
         return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+    data = synthetic_dataset(args.img_size, seed=args.seed) if args.dataset == "synthetic" else load_cifar(args)
+    keep = subset_indices(len(data["train_x"]), args)
+    if keep is not None:
+        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    return data
 
+
+def load_cifar(args):
+    """CIFAR-10 or CIFAR-100 from torchvision, downloaded into --data-dir when it is not there."""
     cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
         splits = [cifar(args.data_dir, train=train, download=True) for train in (True, False)]
@@ -514,20 +654,24 @@ def resize_uint8(images, size):
     return TF.center_crop(TF.resize(images, size, antialias=True), size)
 
 
-def read_image_folder(root, img_size):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor."""
+def read_image_folder(root, img_size, subset_args=None):
+    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor: with subset_args, only
+    the images of its --subset."""
     try:
         folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
+    keep = subset_indices(len(folder), subset_args) if subset_args else None
+    positions = range(len(folder)) if keep is None else keep.tolist()
+    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
     images = []
-    for position, (path, _) in enumerate(folder.samples):
+    for position in positions:
         try:
             image, _ = folder[position]
         except Exception as error:
-            fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
+            fail(f"cannot decode image {folder.samples[position][0]} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets), folder.classes
+    return torch.stack(images), torch.tensor(folder.targets)[list(positions)], folder.classes
 
 
 def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
@@ -731,8 +875,9 @@ def cosine_schedule(step, total_steps, start, end, warmup_steps=0):
 
 def collapse_metric(z):
     """Std over the batch of the l2-normalised outputs, averaged over dimensions, times sqrt(d):
-    about 1 when outputs spread over the sphere, 0 when every image maps to the same point."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+    about 1 when outputs spread over the sphere, 0 when every image maps to the same point. The
+    population std (divided by n), so that 1 is the ceiling of outputs spread evenly over the sphere."""
+    return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 
 def effective_rank(z):
@@ -741,6 +886,8 @@ def effective_rank(z):
     singular values are the square roots of the eigenvalues of the smaller Gram matrix (d x d or
     n x n), in float64: far cheaper than an SVD of the n x d embedding."""
     z = F.normalize(z.double(), dim=1)
+    if not torch.isfinite(z).all():  # overflowing activations: no spectrum to take (eigvalsh would fail)
+        return math.nan
     s = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     distribution = s / s.sum()
     return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
@@ -781,11 +928,37 @@ def layer_names(sequential):
     return [names[type(layer)] for layer in sequential]
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a run killed mid-write keeps its last checkpoint."""
+def write_atomically(path, write):
+    """write(tmp), then rename tmp to path: a run killed mid-write keeps the previous file. A write that
+    fails (a full disk) removes its partial file and stops the run, saying where the last good
+    checkpoint is."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        full = getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 2**20
+        tmp.unlink(missing_ok=True)
+        checkpoint = path.parent / "checkpoint.pt"
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
+        if full:
+            fail(f"no space left on {mount_point(path)} writing {path}; {kept}")
+        fail(f"cannot write {path} ({type(error).__name__}: {error}); {kept}")
+
+
+def mount_point(path):
+    path = path.resolve().parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def save_checkpoint(path, state):
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+# What every checkpoint holds; linear_eval.py and spectrum.py read "arch", "model" and "data".
+CHECKPOINT_KEYS = ("script", "step", "rng", "args", "data", "history", "optimizer", "arch", "model")
 
 
 def load_checkpoint(path):
@@ -793,11 +966,19 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         fail(f"no checkpoint at {path}")
-    except Exception as error:
-        fail(f"cannot read checkpoint {path} ({type(error).__name__}); the file is truncated or not a checkpoint")
+    except IsADirectoryError:
+        fail(f"--resume {path} is a folder; give its checkpoint.pt")
+    except Exception:
+        with open(path, "rb") as file:
+            zipped = file.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        fail(f"cannot read checkpoint {path}: " + ("it is truncated or damaged (an incomplete archive)" if zipped
+                                                   else "it is not a PyTorch checkpoint"))
     if not isinstance(checkpoint, dict) or checkpoint.get("script") != SCRIPT:
         writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
         fail(f"{path} was written by {writer + '.py' if writer else 'another program'}, not {SCRIPT}.py")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        fail(f"{path} lacks {', '.join(missing)}: not a complete {SCRIPT}.py checkpoint")
     return checkpoint
 
 
@@ -817,9 +998,8 @@ def set_rng_state(state, device):
 
 
 def write_metrics(history, out_dir):
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out_dir / "metrics.jsonl")
+    write_atomically(out_dir / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n"
+                                                                                  for row in history)))
 
 
 def plot_history(history, path, panels):
@@ -850,7 +1030,7 @@ def plot_history(history, path, panels):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{SCRIPT}: {path.parent.name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 

@@ -40,9 +40,12 @@ does not collapse in 100 steps.
 """
 import argparse
 import copy
+import errno
+import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -654,30 +657,51 @@ def format_seconds(seconds):
 # --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
 def prepare_data(args, device):
     data = load_dataset(args)
-    if args.subset:
-        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(args.seed))
-        keep = keep[:args.subset]
-        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
     if len(data["train_x"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
     pixels = data["train_x"][:10000].float() / 255
     data["mean"] = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
     data["std"] = pixels.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    data["fingerprint"] = fingerprint(data)
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
 
 
+def subset_indices(num_images, args):
+    """The train images of --subset N: the first N of a permutation drawn from --seed (None: all)."""
+    if args.subset > num_images:
+        fail(f"--subset {args.subset} is larger than the {num_images} images of the train split")
+    if not args.subset:
+        return None
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+
+
+def fingerprint(data):
+    """A hash of both splits' pixels and labels: what a resumed run checks it trains on the same images."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        digest.update(data[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
-    if args.dataset == "synthetic":
-        return synthetic_dataset(args.img_size, seed=args.seed)
+    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU, the train
+    split cut to --subset (an image folder decodes only those)."""
     if args.dataset == "folder":
         root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size)
+        train_x, train_y, classes = read_image_folder(root / "train", args.img_size, args)
         test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
         if test_classes != classes:
             fail(f"{root}/train and {root}/test have different class folders")
         return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+    data = synthetic_dataset(args.img_size, seed=args.seed) if args.dataset == "synthetic" else load_cifar(args)
+    keep = subset_indices(len(data["train_x"]), args)
+    if keep is not None:
+        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    return data
 
+
+def load_cifar(args):
+    """CIFAR-10 or CIFAR-100 from torchvision, downloaded into --data-dir when it is not there."""
     cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
         splits = [cifar(args.data_dir, train=train, download=True) for train in (True, False)]
@@ -698,20 +722,24 @@ def resize_uint8(images, size):
     return TF.center_crop(TF.resize(images, size, antialias=True), size)
 
 
-def read_image_folder(root, img_size):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor."""
+def read_image_folder(root, img_size, subset_args=None):
+    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor: with subset_args, only
+    the images of its --subset."""
     try:
         folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
+    keep = subset_indices(len(folder), subset_args) if subset_args else None
+    positions = range(len(folder)) if keep is None else keep.tolist()
+    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
     images = []
-    for position, (path, _) in enumerate(folder.samples):
+    for position in positions:
         try:
             image, _ = folder[position]
         except Exception as error:
-            fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
+            fail(f"cannot decode image {folder.samples[position][0]} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets), folder.classes
+    return torch.stack(images), torch.tensor(folder.targets)[list(positions)], folder.classes
 
 
 def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
@@ -915,8 +943,9 @@ def cosine_schedule(step, total_steps, start, end, warmup_steps=0):
 
 def collapse_metric(z):
     """Std over the batch of the l2-normalised outputs, averaged over dimensions, times sqrt(d):
-    about 1 when outputs spread over the sphere, 0 when every image maps to the same point."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+    about 1 when outputs spread over the sphere, 0 when every image maps to the same point. The
+    population std (divided by n), so that 1 is the ceiling of outputs spread evenly over the sphere."""
+    return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 
 def effective_rank(z):
@@ -925,6 +954,8 @@ def effective_rank(z):
     singular values are the square roots of the eigenvalues of the smaller Gram matrix (d x d or
     n x n), in float64: far cheaper than an SVD of the n x d embedding."""
     z = F.normalize(z.double(), dim=1)
+    if not torch.isfinite(z).all():  # overflowing activations: no spectrum to take (eigvalsh would fail)
+        return math.nan
     s = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     distribution = s / s.sum()
     return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
@@ -959,10 +990,34 @@ def knn_top1(train_features, train_labels, test_features, test_labels, k, temper
 
 
 # --- checkpoints, metrics and plots ---------------------------------------------------------------
+def write_atomically(path, write):
+    """write(tmp), then rename tmp to path: a run killed mid-write keeps the previous file. A write that
+    fails (a full disk) removes its partial file and stops the run, saying where the last good
+    checkpoint is."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        full = getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 2**20
+        tmp.unlink(missing_ok=True)
+        checkpoint = path.parent / "checkpoint.pt"
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written"
+        if full:
+            fail(f"no space left on {mount_point(path)} writing {path}; {kept}")
+        fail(f"cannot write {path} ({type(error).__name__}: {error}); {kept}")
+
+
+def mount_point(path):
+    path = path.resolve().parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
 def write_metrics(history, out_dir):
-    tmp = out_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out_dir / "metrics.jsonl")
+    write_atomically(out_dir / "metrics.jsonl", lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n"
+                                                                                  for row in history)))
 
 
 if __name__ == "__main__":

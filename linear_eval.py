@@ -21,7 +21,8 @@ Usage:
     python linear_eval.py CKPT --dataset folder --data-dir DIR        # DIR/train/<class>/*, DIR/test/<class>/*
     python linear_eval.py CKPT --subset 5000 --device cpu             # a quick check on 5000 train images
     python linear_eval.py CKPT --aug                                  # crop+flip features, recomputed each epoch
-Writes linear_eval.json and linear_eval.png to the checkpoint's folder (or --out-dir).
+Writes linear_eval.json and linear_eval.png to the checkpoint's folder (or --out-dir); settings other
+than the protocol's name the files: linear_eval-epochs10-aug.json for --epochs 10 --aug.
 """
 import argparse
 import hashlib
@@ -83,17 +84,33 @@ def get_args(argv=None):
 # Data (as in the training scripts): every split decoded once into a uint8 tensor (N, 3, H, W)
 # ------------------------------------------------------------------------------------------------
 def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
-    if args.dataset == "synthetic":
-        return synthetic_dataset(args.img_size, seed=args.seed)
+    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU, the train
+    split cut to --subset (an image folder decodes only those)."""
     if args.dataset == "folder":
         root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size)
+        train_x, train_y, classes = read_image_folder(root / "train", args.img_size, args)
         test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
         if test_classes != classes:
             fail(f"{root}/train and {root}/test have different class folders")
         return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+    data = synthetic_dataset(args.img_size, seed=args.seed) if args.dataset == "synthetic" else load_cifar(args)
+    keep = subset_indices(len(data["train_x"]), args)
+    if keep is not None:
+        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    return data
 
+
+def subset_indices(num_images, args):
+    """The train images of --subset N: the first N of a permutation drawn from --seed (None: all)."""
+    if args.subset > num_images:
+        fail(f"--subset {args.subset} is larger than the {num_images} images of the train split")
+    if not args.subset:
+        return None
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+
+
+def load_cifar(args):
+    """CIFAR-10 or CIFAR-100 from torchvision, downloaded into --data-dir when it is not there."""
     cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
         splits = [cifar(args.data_dir, train=train, download=True) for train in (True, False)]
@@ -114,20 +131,24 @@ def resize_uint8(images, size):
     return TF.center_crop(TF.resize(images, size, antialias=True), size)
 
 
-def read_image_folder(root, img_size):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor."""
+def read_image_folder(root, img_size, subset_args=None):
+    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor: with subset_args, only
+    the images of its --subset."""
     try:
         folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
+    keep = subset_indices(len(folder), subset_args) if subset_args else None
+    positions = range(len(folder)) if keep is None else keep.tolist()
+    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
     images = []
-    for position, (path, _) in enumerate(folder.samples):
+    for position in positions:
         try:
             image, _ = folder[position]
         except Exception as error:
-            fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
+            fail(f"cannot decode image {folder.samples[position][0]} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets), folder.classes
+    return torch.stack(images), torch.tensor(folder.targets)[list(positions)], folder.classes
 
 
 def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
@@ -168,11 +189,7 @@ def data_source(args, checkpoint):
 
 def prepare_data(source, checkpoint, device):
     """The images of `source`, normalised with the training run's mean and std."""
-    data = load_dataset(argparse.Namespace(**source))
-    if source["subset"]:  # the draw of the training scripts' prepare_data: the images the run trained on
-        keep = torch.randperm(len(data["train_x"]), generator=torch.Generator().manual_seed(source["seed"]))
-        keep = keep[:source["subset"]]
-        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    data = load_dataset(argparse.Namespace(**source))  # with the run's --subset: the images it trained on
     data["mean"] = torch.tensor(checkpoint["data"]["mean"]).view(1, 3, 1, 1)
     data["std"] = torch.tensor(checkpoint["data"]["std"]).view(1, 3, 1, 1)
     return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
@@ -551,6 +568,26 @@ def pick_device(name):
     return device
 
 
+# The settings that change a result; the device and the output folder do not.
+RESULT_SETTINGS = ("dataset", "data_dir", "subset", "epochs", "batch_size", "lr", "weight_decay", "aug", "knn_t",
+                   "seed")
+
+
+def output_name(args):
+    """linear_eval for the default protocol, else linear_eval-<the settings that differ from it>, so that
+    a result never replaces one of other settings (--data-dir by a hash of its path)."""
+    defaults = vars(get_args([args.checkpoint]))
+    parts = []
+    for name in RESULT_SETTINGS:
+        value = getattr(args, name)
+        if value == defaults[name]:
+            continue
+        if name == "data_dir":
+            value = hashlib.blake2b(str(Path(value).resolve()).encode(), digest_size=3).hexdigest()
+        parts.append(name.replace("_", "-") + ("" if value is True else str(value)))
+    return "-".join([SCRIPT, *parts])
+
+
 def main(argv=None):
     args = get_args(argv)
     checkpoint_path = Path(args.checkpoint)
@@ -602,13 +639,14 @@ def main(argv=None):
                   per_class_top1=dict(zip(features["classes"], per_class)), history=history,
                   features_from_cache=from_cache, image_time_s=data_time, feature_time_s=feature_time,
                   train_time_s=train_time)
-    tmp = out_dir / "linear_eval.json.tmp"
+    name = output_name(args)
+    tmp = out_dir / f"{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out_dir / "linear_eval.json")
-    plot_result(result, out_dir / "linear_eval.png")
+    os.replace(tmp, out_dir / f"{name}.json")
+    plot_result(result, out_dir / f"{name}.png")
     print(f"done: linear top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}% (last epoch), kNN top-1 "
           f"{100 * knn[20]:.2f}% (k=20) {100 * knn[200]:.2f}% (k=200); {train_time:.1f} s; "
-          f"wrote {out_dir / 'linear_eval.json'}")
+          f"wrote {out_dir / name}.json")
     return result
 
 

@@ -69,17 +69,33 @@ def get_args(argv=None):
 # Data (as in the training scripts): every split decoded once into a uint8 tensor (N, 3, H, W)
 # ------------------------------------------------------------------------------------------------
 def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU."""
-    if args.dataset == "synthetic":
-        return synthetic_dataset(args.img_size, seed=args.seed)
+    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU, the train
+    split cut to --subset (an image folder decodes only those)."""
     if args.dataset == "folder":
         root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size)
+        train_x, train_y, classes = read_image_folder(root / "train", args.img_size, args)
         test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
         if test_classes != classes:
             fail(f"{root}/train and {root}/test have different class folders")
         return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
+    data = synthetic_dataset(args.img_size, seed=args.seed) if args.dataset == "synthetic" else load_cifar(args)
+    keep = subset_indices(len(data["train_x"]), args)
+    if keep is not None:
+        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    return data
 
+
+def subset_indices(num_images, args):
+    """The train images of --subset N: the first N of a permutation drawn from --seed (None: all)."""
+    if args.subset > num_images:
+        fail(f"--subset {args.subset} is larger than the {num_images} images of the train split")
+    if not args.subset:
+        return None
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+
+
+def load_cifar(args):
+    """CIFAR-10 or CIFAR-100 from torchvision, downloaded into --data-dir when it is not there."""
     cifar = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
     try:
         splits = [cifar(args.data_dir, train=train, download=True) for train in (True, False)]
@@ -100,20 +116,24 @@ def resize_uint8(images, size):
     return TF.center_crop(TF.resize(images, size, antialias=True), size)
 
 
-def read_image_folder(root, img_size):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor."""
+def read_image_folder(root, img_size, subset_args=None):
+    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor: with subset_args, only
+    the images of its --subset."""
     try:
         folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
+    keep = subset_indices(len(folder), subset_args) if subset_args else None
+    positions = range(len(folder)) if keep is None else keep.tolist()
+    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
     images = []
-    for position, (path, _) in enumerate(folder.samples):
+    for position in positions:
         try:
             image, _ = folder[position]
         except Exception as error:
-            fail(f"cannot decode image {path} ({type(error).__name__}: {error})")
+            fail(f"cannot decode image {folder.samples[position][0]} ({type(error).__name__}: {error})")
         images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets), folder.classes
+    return torch.stack(images), torch.tensor(folder.targets)[list(positions)], folder.classes
 
 
 def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
@@ -147,7 +167,7 @@ def test_images(args, checkpoint):
     trained = checkpoint["args"]
     source = argparse.Namespace(dataset=args.dataset or trained["dataset"],
                                 data_dir=args.data_dir or trained["data_dir"],
-                                img_size=checkpoint["data"]["img_size"],
+                                img_size=checkpoint["data"]["img_size"], subset=0,
                                 seed=trained["seed"])  # the synthetic images depend on the seed
     if source.dataset == "folder":  # decoding the train split too would take most of the run
         return read_image_folder(Path(source.data_dir) / "test", source.img_size)[0]
@@ -324,8 +344,9 @@ def covariance_eigenvalues(z):
 
 def collapse_metric(z):
     """Std over the batch of the l2-normalised outputs, averaged over dimensions, times sqrt(d):
-    about 1 when outputs spread over the sphere, 0 when every image maps to the same point."""
-    return F.normalize(z.float(), dim=1).std(dim=0).mean() * math.sqrt(z.shape[1])
+    about 1 when outputs spread over the sphere, 0 when every image maps to the same point. The
+    population std (divided by n), so that 1 is the ceiling of outputs spread evenly over the sphere."""
+    return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 
 def effective_rank(z):
@@ -334,6 +355,8 @@ def effective_rank(z):
     singular values are the square roots of the eigenvalues of the smaller Gram matrix (d x d or
     n x n), in float64: far cheaper than an SVD of the n x d embedding."""
     z = F.normalize(z.double(), dim=1)
+    if not torch.isfinite(z).all():  # overflowing activations: no spectrum to take (eigvalsh would fail)
+        return math.nan
     s = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     distribution = s / s.sum()
     return torch.exp(-(distribution * distribution.clamp_min(1e-12).log()).sum()).item()
@@ -405,6 +428,10 @@ def plot_spectra(reports, path):
             spectrum = report[level]
             ax.semilogy(range(1, spectrum["dim"] + 1), spectrum["eigenvalues"],
                         label=f"{report['label']} (erank {spectrum['erank']:.1f}, collapse {spectrum['collapse']:.2f})")
+        limit = reports[0]["num_images"] - 1  # a centred covariance of n images has rank n - 1 at most
+        if limit < max(report[level]["dim"] for report in reports):
+            ax.axvline(limit, color="grey", linestyle=":",
+                       label=f"rank limit of {limit + 1} images: the eigenvalues beyond are 0, not collapse")
         ax.set_title(f"{level} output")
         ax.set_xlabel("index (largest first)")
         ax.set_ylabel("eigenvalue")

@@ -32,3 +32,21 @@ def write_jpeg_folder(root, classes=("cat", "dog"), per_class=4, size=20):
                 pixels = torch.randint(0, 256, (size, size + 4, 3), dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{i}.jpg")
     return root
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """What each figure saved during a test shows, by file name: for every visible panel its title and
+    the number of lines and vertical markers plotted (the figure itself, not the size of its file)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    saved, real_savefig = {}, Figure.savefig
+
+    def savefig(figure, fname, *args, **kwargs):
+        saved[Path(str(fname)).name.removesuffix(".tmp")] = [
+            dict(title=ax.get_title(), lines=len(ax.get_lines())) for ax in figure.axes if ax.axison]
+        return real_savefig(figure, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved

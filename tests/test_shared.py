@@ -77,7 +77,8 @@ def test_scripts_import_no_other_file_of_ours(script):
     tree = ast.parse((ROOT / script).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
     assert not imported & OURS, f"{script} imports {imported & OURS}"
 
 
