@@ -743,7 +743,7 @@ def sample_view_params(batch, height, width, view, device):
                   grayscale=torch.rand(batch, device=device) < view["grayscale"],
                   solarize=torch.rand(batch, device=device) < view["solarize"])
     if view["blur"]:
-        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, height, device)
     return params
 
 
@@ -840,10 +840,17 @@ def rgb_to_grayscale(images):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def sample_blur(batch, view, device):
-    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]."""
+# The papers' blur sigmas (SimCLR, BYOL, DINO: 0.1-2 px) are in pixels of a 224-px image.
+BLUR_SIGMA_IMAGE_SIZE = 224
+
+
+def sample_blur(batch, view, image_size, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]
+    scaled from a 224-px image to image_size: the same blur relative to the image, so at 32 px it is nearly
+    none (sigma at most 0.29 px), as the CIFAR recipes of lightly and solo-learn have it off."""
+    scale = image_size / BLUR_SIGMA_IMAGE_SIZE
     return (torch.rand(batch, device=device) < view["blur"],
-            torch.empty(batch, device=device).uniform_(*view["blur_sigma"]))
+            torch.empty(batch, device=device).uniform_(view["blur_sigma"][0] * scale, view["blur_sigma"][1] * scale))
 
 
 def blur_kernel_size(crop_size):

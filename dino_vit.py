@@ -91,10 +91,10 @@ RECIPE = dict(
 # DINO's multi-crop (Sec. 3.1 and official code): 2 global crops of 40-100% of the image at full size
 # and local crops of 5-40% at half the size (local_crop_size), all with the flip, colour jitter and
 # grayscale of BYOL. The global pair keeps DINO's asymmetry: Gaussian blur with probability 1 and 0.1,
-# solarization 0 and 0.2; local crops are blurred with probability 0.5 and not solarized. The blur keeps
-# DINO's sigma range per image, 0.1-2 px, with the smallest kernel that blurs at all (3 taps at 32 and
-# 16 px): sigma 0.1 leaves a crop as it is, sigma 2 is close to a 3x3 box filter. Relative to the image
-# this is stronger than DINO's blur (sigma up to 2 px of 224).
+# solarization 0 and 0.2; local crops are blurred with probability 0.5 and not solarized. The blur is
+# DINO's relative to the image: sigma 0.1-2 px of a 224-px image, drawn per image and scaled to the image
+# size (sample_blur), with a kernel of 10% of the crop (at least 3 taps). At 32 px that is sigma 0.014-0.29
+# px, nearly no blur, as the CIFAR recipes of lightly and solo-learn have it; at 96 px and up it blurs.
 VIEW = dict(crop_scale=(0.4, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
             grayscale=0.2, solarize=0.0, blur=1.0, blur_sigma=(0.1, 2.0))
 VIEWS = (VIEW, {**VIEW, "blur": 0.1, "solarize": 0.2})
@@ -953,7 +953,7 @@ def sample_view_params(batch, height, width, view, device):
                   grayscale=torch.rand(batch, device=device) < view["grayscale"],
                   solarize=torch.rand(batch, device=device) < view["solarize"])
     if view["blur"]:
-        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, height, device)
     return params
 
 
@@ -1050,10 +1050,17 @@ def rgb_to_grayscale(images):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def sample_blur(batch, view, device):
-    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]."""
+# The papers' blur sigmas (SimCLR, BYOL, DINO: 0.1-2 px) are in pixels of a 224-px image.
+BLUR_SIGMA_IMAGE_SIZE = 224
+
+
+def sample_blur(batch, view, image_size, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]
+    scaled from a 224-px image to image_size: the same blur relative to the image, so at 32 px it is nearly
+    none (sigma at most 0.29 px), as the CIFAR recipes of lightly and solo-learn have it off."""
+    scale = image_size / BLUR_SIGMA_IMAGE_SIZE
     return (torch.rand(batch, device=device) < view["blur"],
-            torch.empty(batch, device=device).uniform_(*view["blur_sigma"]))
+            torch.empty(batch, device=device).uniform_(view["blur_sigma"][0] * scale, view["blur_sigma"][1] * scale))
 
 
 def blur_kernel_size(crop_size):

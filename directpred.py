@@ -65,15 +65,15 @@ RECIPE = dict(
     ema=0.996,           # luckmatters: a fixed EMA momentum
     predictor="direct",  # Eq. 18: W_p set from F-hat ("sgd": the trained baseline)
     pred_freq=1,         # W_p set at every step
-    rho=0.3,             # Eq. 19: F-hat's averaging; rho and eps are DirectPred's best setting
-    eps=0.1,
+    rho=0.3,             # Eq. 19: F-hat's averaging; luckmatters' README command (dyn_lambda=0.3)
+    eps=0.01,            # luckmatters' README command (dyn_eps=0.01; the KTH reproduction used 0.1)
     knn_k=200,           # the kNN monitor of Wu et al. 2018: 200 neighbours, temperature 0.1
     knn_t=0.1,
 )
-# Augmentation: SimSiam on CIFAR (Chen & He 2021, Appendix D): crop scale 0.2-1, flip, colour jitter
-# (0.4, 0.4, 0.4, 0.1) with probability 0.8, grayscale 0.2, no blur, no solarization. Both views are
-# drawn the same way.
-VIEW = dict(crop_scale=(0.2, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+# Augmentation: luckmatters' CIFAR-10 transforms (data/transforms.py): RandomResizedCrop at torchvision's
+# scale 0.08-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with probability 0.8, grayscale 0.2, no blur ("cifar10
+# images are small"), no solarization. Both views are drawn the same way.
+VIEW = dict(crop_scale=(0.08, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
             grayscale=0.2, solarize=0.0, blur=0.0)
 VIEWS = (VIEW, VIEW)
 
@@ -92,9 +92,10 @@ def cifar_resnet18():
 
 
 def mlp(in_dim, hidden_dim, out_dim):
-    """BYOL's projector (Sec. 3.3): Linear -> BatchNorm -> ReLU -> Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    """BYOL's projector (Sec. 3.3): Linear -> BatchNorm -> ReLU -> Linear, the batch norm without affine
+    parameters as in luckmatters (config has_bn_affine: false)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim, affine=False),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 def top_eigenpair(F_hat, vector, squarings=8, iterations=20):
@@ -856,7 +857,7 @@ def sample_view_params(batch, height, width, view, device):
                   grayscale=torch.rand(batch, device=device) < view["grayscale"],
                   solarize=torch.rand(batch, device=device) < view["solarize"])
     if view["blur"]:
-        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, height, device)
     return params
 
 
@@ -953,10 +954,17 @@ def rgb_to_grayscale(images):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def sample_blur(batch, view, device):
-    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]."""
+# The papers' blur sigmas (SimCLR, BYOL, DINO: 0.1-2 px) are in pixels of a 224-px image.
+BLUR_SIGMA_IMAGE_SIZE = 224
+
+
+def sample_blur(batch, view, image_size, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]
+    scaled from a 224-px image to image_size: the same blur relative to the image, so at 32 px it is nearly
+    none (sigma at most 0.29 px), as the CIFAR recipes of lightly and solo-learn have it off."""
+    scale = image_size / BLUR_SIGMA_IMAGE_SIZE
     return (torch.rand(batch, device=device) < view["blur"],
-            torch.empty(batch, device=device).uniform_(*view["blur_sigma"]))
+            torch.empty(batch, device=device).uniform_(view["blur_sigma"][0] * scale, view["blur_sigma"][1] * scale))
 
 
 def blur_kernel_size(crop_size):

@@ -4,8 +4,10 @@ on CIFAR-10.
 Idea: one network (backbone -> projector) embeds two views of an image, and a predictor maps each
 embedding onto the other view's, which is held constant (stop-gradient): no negative pairs, no
 momentum encoder. Without the stop-gradient or the predictor the embedding collapses (Sec. 4.1-4.2,
-Fig. 2, Table 1); the `collapse` and `erank` columns of the log show it (collapse about 1 healthy,
-0 collapsed).
+Fig. 2, Table 1); the `collapse`, `off_axis` and `erank` columns of the log show it (collapse about
+1 healthy, 0 collapsed). Behind the projector's affine-free output batch norm the collapse metric
+cannot reach 0 on a training batch; `off_axis`, the share of the batch's variance off its main axis,
+can (off_axis_share).
 
 Usage:
     python simsiam.py --epochs 100                                  # CIFAR-10, downloaded to ./data
@@ -120,6 +122,26 @@ def negative_cosine(prediction, target):
     return -F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
 
+def off_axis_share(z, iterations=20):
+    """The share of the batch's variance off its main axis: 1 - lambda_max / trace of the centred covariance
+    of the l2-normalised outputs. Near 1 - 1/d for outputs spread in every direction, 0 for outputs on one
+    line. The collapse metric cannot see that collapse here: behind the projector's affine-free batch norm
+    every channel keeps unit variance over the batch, so outputs on one line through the origin still read
+    sqrt(1 - m^2) (m their mean sign), while a rank survives batch norm's per-channel affine map and this
+    share reads 0 (README, SimSiam). lambda_max by power iteration on the n x n Gram matrix from a fixed
+    start, with no host sync: it can only under-estimate lambda_max, so the share never reads collapse
+    that is not there."""
+    centred = F.normalize(z.float(), dim=1)
+    centred = centred - centred.mean(dim=0)
+    gram = centred @ centred.T
+    vector = torch.linspace(-1, 1, len(z), device=z.device)  # no component along (1, ..., 1), gram's null space
+    vector = vector / vector.norm()
+    for _ in range(iterations):
+        vector = F.normalize(gram @ vector, dim=0)
+    top = vector @ gram @ vector
+    return 1 - top / gram.trace().clamp_min(1e-12)
+
+
 def build_model(args):
     predictor = "identity" if args.no_predictor else "fixed" if args.fixed_predictor else "learned"
     return SimSiam(args.proj_hidden, args.proj_dim, args.pred_hidden, not args.no_stop_grad, predictor)
@@ -155,7 +177,7 @@ def train_step(model, optimizer, images, hyper, args, data, compute):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return dict(loss=loss.detach(), collapse=collapse_metric(z1.detach()))
+    return dict(loss=loss.detach(), collapse=collapse_metric(z1.detach()), off_axis=off_axis_share(z1.detach()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,6 +285,7 @@ def figure_panels(args):
     """The panels of the run's figure: (history key, title, y-limits or "log", dashed reference line)."""
     return [("loss", "training loss", None, None), ("knn_top1", "kNN top-1 (test)", (0, 1), None),
             ("collapse", "collapse metric (1 healthy, 0 collapsed)", (0, 1.1), None),
+            ("off_axis", "variance off the main axis (0: on one line)", (0, 1.1), None),
             ("erank", "effective rank of the embedding", None, None)]
 
 
@@ -748,7 +771,7 @@ def sample_view_params(batch, height, width, view, device):
                   grayscale=torch.rand(batch, device=device) < view["grayscale"],
                   solarize=torch.rand(batch, device=device) < view["solarize"])
     if view["blur"]:
-        params["blur"], params["blur_sigma"] = sample_blur(batch, view, device)
+        params["blur"], params["blur_sigma"] = sample_blur(batch, view, height, device)
     return params
 
 
@@ -845,10 +868,17 @@ def rgb_to_grayscale(images):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def sample_blur(batch, view, device):
-    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]."""
+# The papers' blur sigmas (SimCLR, BYOL, DINO: 0.1-2 px) are in pixels of a 224-px image.
+BLUR_SIGMA_IMAGE_SIZE = 224
+
+
+def sample_blur(batch, view, image_size, device):
+    """Per image: whether it is blurred (probability view["blur"]) and its sigma, uniform in view["blur_sigma"]
+    scaled from a 224-px image to image_size: the same blur relative to the image, so at 32 px it is nearly
+    none (sigma at most 0.29 px), as the CIFAR recipes of lightly and solo-learn have it off."""
+    scale = image_size / BLUR_SIGMA_IMAGE_SIZE
     return (torch.rand(batch, device=device) < view["blur"],
-            torch.empty(batch, device=device).uniform_(*view["blur_sigma"]))
+            torch.empty(batch, device=device).uniform_(view["blur_sigma"][0] * scale, view["blur_sigma"][1] * scale))
 
 
 def blur_kernel_size(crop_size):

@@ -112,6 +112,29 @@ def test_tied_predictor_is_symmetric_and_steps_like_the_reproductions_averaging(
     assert not torch.allclose(averaged, weight)
 
 
+def test_the_symmetric_pair_trains_with_the_reproductions_recipe(tmp_path):
+    """The KTH reproduction's Table 1 recipe: its heads (batch norm without affine, no output batch norm),
+    the sum of the two cosines, a constant lr 0.03 at batch 128, weight decay on the weights alone; and
+    its measure, the top eigenvalue's share of F-hat, logged at every evaluation."""
+    spec = collapse_demo.REGIMES["symmetric-no-ema"]
+    args = collapse_demo.get_args([*TINY, *SMALL_HEADS, "--regimes", "symmetric-no-ema"])
+    model = collapse_demo.build_model(spec, args)
+    stop_grad = collapse_demo.build_model(collapse_demo.REGIMES["stop-grad"], args)
+    assert model.loss_weight == 1.0 and stop_grad.loss_weight == 0.5
+    assert not any(isinstance(layer, torch.nn.BatchNorm1d) and layer.affine for layer in model.projector)
+    assert isinstance(model.projector[-1], torch.nn.Linear)
+    weights, biases = collapse_demo.make_optimizer(model, spec, args).param_groups
+    assert (weights["weight_decay"], biases["weight_decay"]) == (4e-4, 0.0)
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert collapse_demo.base_lr(spec, args) == pytest.approx(0.03 * 16 / 128)
+    _, _, history = run(tmp_path, "symmetric-no-ema", "--steps", "4", "--eval-every", "2", "--log-every", "2")
+    assert [row["lr"] for row in history] == [pytest.approx(0.03 * 16 / 128)] * 2  # held, not decayed
+    shares = [row["f_top_share"] for row in history if "knn_top1" in row]
+    assert len(shares) == 2 and all(1 / 32 <= share <= 1 for share in shares)
+    assert "needs the reproduction's length" in collapse_demo.regime_label("symmetric-no-ema", history)
+    assert collapse_demo.regime_label("stop-grad", history) == "stop-grad"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--regimes", "stop-grad,no-such-regime"], "unknown no-such-regime"),
     (["--regimes", "ema", "--dim", "30", "--heads", "4"], "multiple of --heads"),

@@ -46,9 +46,12 @@ def test_blur_is_drawn_per_image_with_dinos_probabilities():
     torch.manual_seed(0)
     n = 20000
     for view, p in ((dino_vit.VIEWS[0], 1.0), (dino_vit.VIEWS[1], 0.1), (dino_vit.LOCAL_VIEW, 0.5)):
-        blur, sigma = dino_vit.sample_blur(n, view, "cpu")
+        blur, sigma = dino_vit.sample_blur(n, view, 224, "cpu")
         assert abs(blur.float().mean().item() - p) < 0.015
         assert sigma.min() >= 0.1 and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.02
+        # The same blur relative to the image: sigma scales with the image size (0.29 px at most at 32 px).
+        _, sigma_at_32 = dino_vit.sample_blur(n, view, 32, "cpu")
+        assert sigma_at_32.min() >= 0.1 * 32 / 224 and sigma_at_32.max() <= 2.0 * 32 / 224
     assert [view["solarize"] for view in dino_vit.VIEWS] == [0.0, 0.2] and dino_vit.LOCAL_VIEW["solarize"] == 0
 
 

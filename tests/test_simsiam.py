@@ -191,6 +191,24 @@ def test_batch_normed_rank_one_embedding_reads_sqrt_of_one_minus_mean_sign_squar
     assert simsiam.collapse_metric(z).item() == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.parametrize("one_side", [256, 461, 511])
+def test_off_axis_share_reads_zero_for_a_rank_one_embedding_behind_the_batch_norm(one_side):
+    """Where the collapse metric reads sqrt(1 - m^2) (up to 1), the share of variance off the main axis
+    reads 0; for a spread embedding it is the exact 1 - lambda_max / trace, near 1."""
+    torch.manual_seed(0)
+    direction = (0.5 + torch.rand(256)) * torch.randn(256).sign()
+    scale = torch.cat([-torch.ones(one_side), torch.full((512 - one_side,), one_side / (512 - one_side))])
+    output_bn = simsiam.SimSiam(64, 256, 16).projector[-1]
+    collapsed = output_bn(scale[:, None] * direction)
+    assert simsiam.collapse_metric(collapsed).item() > 0.08
+    assert simsiam.off_axis_share(collapsed).item() < 1e-4
+    spread = output_bn(torch.randn(512, 256) @ torch.randn(256, 256))
+    centred = torch.nn.functional.normalize(spread, dim=1)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(centred.T, correction=0).double())
+    exact = 1 - (eigenvalues[-1] / eigenvalues.sum()).item()
+    assert simsiam.off_axis_share(spread).item() == pytest.approx(exact, abs=0.01) and exact > 0.8
+
+
 def test_without_stop_gradient_the_embedding_collapses(collapse_runs):
     _, default, no_stop_grad = collapse_runs
     assert default["step"] == no_stop_grad["step"] == 32
@@ -200,6 +218,8 @@ def test_without_stop_gradient_the_embedding_collapses(collapse_runs):
     # separations: the exact values depend on the CPU's kernels.
     assert default["collapse"] > 0.75 and no_stop_grad["collapse"] < default["collapse"] - 0.1
     assert no_stop_grad["erank"] < default["erank"] / 10
+    # Seen through the output batch norm: the collapsed batch lies close to one line.
+    assert no_stop_grad["off_axis"] < default["off_axis"] / 4
 
 
 def test_default_run_knn_rises_above_its_value_at_step_0(collapse_runs):
