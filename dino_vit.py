@@ -699,22 +699,21 @@ def claim_run_folder(out_dir, resume):
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             fail(f"cannot create the run folder {folder} ({error.strerror or error})")
-    try:
-        lock = os.open(folder, os.O_RDONLY)
-        if fcntl:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        fail(f"another process is writing to {folder}; wait for it to end or choose another --out-dir")
     if not os.access(folder, os.W_OK):
-        os.close(lock)
         fail(f"cannot write to the run folder {folder} (permission denied)")
     own = resume is not None and Path(resume).resolve().parent == folder.resolve()
     found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
     if found and not own:
-        os.close(lock)
         fail(f"{folder} holds another run's outputs ({', '.join(found)}); continue that run with --resume "
              f"{folder / 'checkpoint.pt'}, or choose another --out-dir")
+    lock = None
+    if fcntl:  # an open descriptor of the folder, locked until this process closes it or ends
+        lock = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            fail(f"another process is writing to {folder}; wait for it to end or choose another --out-dir")
     for stale in folder.glob("*.tmp"):
         stale.unlink()
     return folder, lock, created
@@ -733,7 +732,8 @@ def training_frame(run):
         print(f"\n{SCRIPT}.py: interrupted at step {run.step}; {saved}", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        os.close(run.folder_lock)
+        if run.folder_lock is not None:
+            os.close(run.folder_lock)
         if run.created_folder and not any(run.out_dir.iterdir()):
             run.out_dir.rmdir()
 
