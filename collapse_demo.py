@@ -57,6 +57,11 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
+try:
+    import fcntl  # POSIX: the lock that keeps two processes out of one run folder
+except ImportError:  # Windows: runs go unlocked
+    fcntl = None
+
 SCRIPT = Path(__file__).stem
 
 # ------------------------------------------------------------------------------------------------
@@ -371,8 +376,7 @@ def main(argv=None):
     args = get_args(argv)
     compute = compute_settings(args.device, args.compile)
     data = prepare_data(args, compute.device)
-    out_dir = Path(args.out_dir or Path("runs") / f"{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, folder_lock, _ = claim_run_folder(args.out_dir, None)
     print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
           f"{args.steps} steps per regime, regimes {', '.join(args.regimes)}, writing to {out_dir}")
     history, summary = [], {}
@@ -391,6 +395,8 @@ def main(argv=None):
     for name, s in summary.items():
         print(f"{name:>18} | {s['loss']:8.4f} | {s['collapse']:8.3f} | {s['erank']:5.1f} | {100 * s['knn_top1']:.2f}%")
     print(f"done: outputs in {out_dir}")
+    if folder_lock is not None:
+        os.close(folder_lock)
     return summary
 
 
@@ -680,6 +686,58 @@ def pick_device(name):
 def fused_optimizer(model):
     """One fused kernel per optimiser step where the device has it (CUDA and CPU)."""
     return next(model.parameters()).device.type in ("cuda", "cpu")
+
+
+# What a run writes into its folder; a folder holding any of them belongs to a run.
+RUN_OUTPUTS = ("checkpoint.pt", "metrics.jsonl", f"{SCRIPT}.png")
+
+
+def claim_run_folder(out_dir, resume):
+    """The run's folder, held by this process alone until it ends: a new run never writes where another
+    run's outputs are, a resumed one only into its own folder, and two processes never share one (an
+    exclusive lock on the folder, which the system drops when the process ends, however it ends). A new
+    default folder is created exclusively, with -2, -3, ... if another run took the name in the same
+    second. Leftover temporary files of a write that was killed are removed. Returns the folder, its
+    lock, and whether this run created it."""
+    created = True
+    if out_dir is None and resume is None:
+        stamp, number = time.strftime("%Y%m%d-%H%M%S"), 1
+        folder = Path("runs") / f"{SCRIPT}-{stamp}"
+        while True:
+            try:
+                folder.mkdir(parents=True)
+                break
+            except FileExistsError:
+                number += 1
+                folder = Path("runs") / f"{SCRIPT}-{stamp}-{number}"
+            except OSError as error:
+                fail(f"cannot create the run folder {folder} ({error.strerror})")
+    else:
+        folder = Path(out_dir) if out_dir is not None else Path(resume).parent
+        created = not folder.exists()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            fail(f"cannot create the run folder {folder} ({error.strerror or error})")
+    if not os.access(folder, os.W_OK):
+        fail(f"cannot write to the run folder {folder} (permission denied)")
+    own = resume is not None and Path(resume).resolve().parent == folder.resolve()
+    found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if found and not own:
+        resume_hint = (f"continue that run with --resume {folder / 'checkpoint.pt'}, or "
+                       if "checkpoint.pt" in found else "")
+        fail(f"{folder} holds another run's outputs ({', '.join(found)}); {resume_hint}choose another --out-dir")
+    lock = None
+    if fcntl:  # an open descriptor of the folder, locked until this process closes it or ends
+        lock = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            fail(f"another process is writing to {folder}; wait for it to end or choose another --out-dir")
+    for stale in folder.glob("*.tmp"):
+        stale.unlink()
+    return folder, lock, created
 
 
 def progress_line(head, values):

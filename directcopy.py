@@ -596,8 +596,9 @@ def claim_run_folder(out_dir, resume):
     own = resume is not None and Path(resume).resolve().parent == folder.resolve()
     found = [name for name in RUN_OUTPUTS if (folder / name).exists()]
     if found and not own:
-        fail(f"{folder} holds another run's outputs ({', '.join(found)}); continue that run with --resume "
-             f"{folder / 'checkpoint.pt'}, or choose another --out-dir")
+        resume_hint = (f"continue that run with --resume {folder / 'checkpoint.pt'}, or "
+                       if "checkpoint.pt" in found else "")
+        fail(f"{folder} holds another run's outputs ({', '.join(found)}); {resume_hint}choose another --out-dir")
     lock = None
     if fcntl:  # an open descriptor of the folder, locked until this process closes it or ends
         lock = os.open(folder, os.O_RDONLY)

@@ -170,6 +170,8 @@ def test_resume_continues_exactly(stop_at, tmp_path):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for index, state in a["optimizer"]["state"].items():  # the SGD momentum buffers too
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"]), index
     untimed = [[{key: value for key, value in row.items() if key not in TIMING} for row in saved["history"]]
                for saved in (a, b)]
     assert untimed[0] == untimed[1] and [row["epoch"] for row in untimed[0]] == [1, 2]

@@ -69,6 +69,15 @@ def test_rows_at_log_and_eval_steps(tmp_path):
     assert history[-1]["loss"] == pytest.approx(history[0]["loss"], rel=1e-3)
 
 
+def test_a_second_run_refuses_the_first_runs_folder(tmp_path):
+    out, _, history = run(tmp_path, "frozen-teacher", "--steps", "2", "--log-every", "1", "--eval-every", "2")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path, "frozen-teacher", "--steps", "2")
+    assert "holds another run's outputs" in str(stop.value) and "--resume" not in str(stop.value)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
 def test_teacher_updates():
     torch.manual_seed(0)
     model = collapse_demo.StudentTeacher(dict(img_size=16, patch_size=4, dim=16, depth=1, heads=2, mlp_dim=32),
