@@ -52,6 +52,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -629,8 +630,15 @@ def get_args(argv=None):
 # plots.
 # ================================================================================================
 def fail(message):
-    """Stop with a one-line error and a non-zero exit code."""
-    raise SystemExit(f"{SCRIPT}.py: error: {message}")
+    """Stop with a one-line error and a non-zero exit code (in a data-parallel run every rank stops, rank 0
+    alone says why: the ranks take their decisions together)."""
+    raise SystemExit(f"{SCRIPT}.py: error: {message}" if is_main_rank() else 1)
+
+
+def log(line):
+    """Print a progress or status line: in a data-parallel run, rank 0 alone prints."""
+    if is_main_rank():
+        print(line, flush=True)
 
 
 def number_type(cast, accepts, rule):
@@ -657,20 +665,30 @@ def compute_settings(device_name, compile_views=False):
     """Where and how the run computes, decided once: bf16 autocast on CUDA (tensor cores), float32
     elsewhere; channels-last images on CUDA and CPU (the layout of cuDNN's and oneDNN's fastest
     convolutions; README, Benchmarks), the default layout on MPS; the views' pixel work compiled with
-    --compile (one graph per view shape: dynamic=False, so a run never recompiles)."""
-    device = pick_device(device_name)
+    --compile (one graph per view shape: dynamic=False, so a run never recompiles). Started by torchrun
+    (WORLD_SIZE > 1), the process is one rank of a data-parallel run: it joins the process group (NCCL on
+    CUDA, one GPU per rank, cuda:LOCAL_RANK; gloo on CPU)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "mps":
+            fail("a data-parallel run needs CUDA or the CPU, not MPS")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cudnn.benchmark = True
-    return SimpleNamespace(device=device,
+    return SimpleNamespace(device=device, rank=rank, world_size=world_size,
                            autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
                            memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last,
                            transform_view=torch.compile(transform_view, dynamic=False) if compile_views
                            else transform_view)
 
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
+    """The device of --device; "cuda" (and "auto" with a GPU) is the rank's own GPU, cuda:LOCAL_RANK."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -680,7 +698,27 @@ def pick_device(name):
         fail("--device cuda, but no CUDA GPU is visible")
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but MPS is not available")
-    return device
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+# --- data parallel (torchrun): what the ranks share, and the one rank that writes ----------------
+def is_main_rank():
+    """Rank 0 of a data-parallel run (torchrun sets RANK), or the one process of any other run."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def own_share(rows, compute, copies=1):
+    """This rank's share of rows laid out as `copies` stacked copies of the global batch: of each copy, the
+    rank's contiguous block of batch / world_size rows (in one process, all rows)."""
+    return rows.unflatten(0, (copies, compute.world_size, -1))[:, compute.rank].flatten(0, 1)
+
+
+def average_over_ranks(tensor):
+    """The tensor averaged over the ranks, in place (an all-reduce; in one process, the tensor itself)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
 
 
 def fused_optimizer(model):
@@ -754,7 +792,13 @@ def format_seconds(seconds):
 
 # --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
 def prepare_data(args, device):
+    # Data-parallel: the first rank of each machine loads (and downloads) the data first, the others after it.
+    first_on_machine = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first_on_machine:
+        dist.barrier()
     data = load_dataset(args)
+    if dist.is_initialized() and first_on_machine:
+        dist.barrier()
     if len(data["train_x"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
     pixels = data["train_x"][:10000].float() / 255
@@ -829,7 +873,7 @@ def read_image_folder(root, img_size, subset_args=None):
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
     keep = subset_indices(len(folder), subset_args) if subset_args else None
     positions = range(len(folder)) if keep is None else keep.tolist()
-    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
+    log(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px")
     images = []
     for position in positions:
         try:
@@ -870,12 +914,17 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def augment(images, view, mean, std, compute, out_size=None):
-    """One random view of every image at out_size x out_size (default: the images' size), normalised, in
-    the run's memory layout: the random parameters drawn here, per image, the pixel work in
-    compute.transform_view (transform_view, compiled with --compile)."""
+def augment(images, view, mean, std, compute, out_size=None, copies=1):
+    """`copies` random views (DINO's local crops; else one) of every image at out_size x out_size (default:
+    the images' size), normalised, in the run's memory layout, stacked copy by copy: the random parameters
+    drawn here, per image, the pixel work in compute.transform_view (transform_view, compiled with
+    --compile). In a data-parallel run `images` are the rank's share of the global batch; the parameters
+    are drawn for the whole global batch, on every rank alike, and each rank keeps those of its share: the
+    ranks together make exactly the views of one process with the same --batch-size and seed."""
     batch, _, height, width = images.shape
-    params = sample_view_params(batch, height, width, view, images.device)
+    params = sample_view_params(copies * compute.world_size * batch, height, width, view, images.device)
+    params = {name: own_share(value, compute, copies) for name, value in params.items()}
+    images = images.repeat(copies, 1, 1, 1) if copies > 1 else images
     return compute.transform_view(images, params, mean, std, out_size or height, compute.memory_format)
 
 

@@ -43,8 +43,20 @@ SCRIPT = Path(__file__).stem
 
 
 def fail(message):
-    """Stop with a one-line error and a non-zero exit code."""
-    raise SystemExit(f"{SCRIPT}.py: error: {message}")
+    """Stop with a one-line error and a non-zero exit code (in a data-parallel run every rank stops, rank 0
+    alone says why: the ranks take their decisions together)."""
+    raise SystemExit(f"{SCRIPT}.py: error: {message}" if is_main_rank() else 1)
+
+
+def log(line):
+    """Print a progress or status line: in a data-parallel run, rank 0 alone prints."""
+    if is_main_rank():
+        print(line, flush=True)
+
+
+def is_main_rank():
+    """Rank 0 of a data-parallel run (torchrun sets RANK), or the one process of any other run."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +152,7 @@ def read_image_folder(root, img_size, subset_args=None):
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
     keep = subset_indices(len(folder), subset_args) if subset_args else None
     positions = range(len(folder)) if keep is None else keep.tolist()
-    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
+    log(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px")
     images = []
     for position in positions:
         try:
@@ -552,10 +564,11 @@ def eval_compute_settings(device_name):
                            memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last)
 
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
+    """The device of --device; "cuda" (and "auto" with a GPU) is the rank's own GPU, cuda:LOCAL_RANK."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -565,7 +578,7 @@ def pick_device(name):
         fail("--device cuda, but no CUDA GPU is visible")
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but MPS is not available")
-    return device
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
 # The settings that change a result; the device and the output folder do not.

@@ -35,9 +35,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms.v2 import functional as TF
 
 try:
@@ -164,8 +166,10 @@ def hyperparameters(step, total_steps, steps_per_epoch, args):
     return dict(lr=lr)
 
 
-def train_step(model, optimizer, images, hyper, args, data, compute):
+def train_step(model, forward, optimizer, images, hyper, args, data, compute):
     """One step of SimSiam (Algorithm 1): two views, the loss, SGD on the network.
+    forward is model's forward, through DistributedDataParallel in a data-parallel run (its backward then
+    averages the gradients over the ranks).
     Returns what the log averages over the epoch, as device tensors."""
     for group in optimizer.param_groups:
         if not group["fixed_lr"]:  # with --fix-pred-lr the predictor's group keeps the rate it was made with
@@ -173,7 +177,7 @@ def train_step(model, optimizer, images, hyper, args, data, compute):
     view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute)
     view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute)
     with compute.autocast:
-        loss, z1 = model(view1, view2)
+        loss, z1 = forward(view1, view2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -208,23 +212,23 @@ def train_epoch(run):
     sums = run.epoch_sums if run.step > epoch_start else {}
     for batch_indices in epoch_batches(epoch, run):
         hyper = hyperparameters(run.step, run.total_steps, run.steps_per_epoch, args)
-        images = run.data["train_x"][batch_indices]
-        metrics = train_step(run.model, run.optimizer, images, hyper, args, run.data, run.compute)
+        images = run.data["train_x"][own_share(batch_indices, run.compute)]
+        metrics = train_step(run.model, run.forward, run.optimizer, images, hyper, args, run.data, run.compute)
         sums = {name: sums.get(name, 0) + value for name, value in metrics.items()}
         run.step += 1
         if run.step % args.log_every == 0 or run.step % run.steps_per_epoch == 0 or run.step == run.last_step:
-            # The only host syncs of the loop, at these steps alone.
-            means = {name: total.item() / (run.step - epoch_start) for name, total in sums.items()}
+            # The only host syncs of the loop, at these steps alone (and with several ranks, the only reduction).
+            means = {name: total / (run.step - epoch_start) for name, total in mean_over_ranks(sums).items()}
             stop_if_not_finite(means, run.model, run.step, run.checkpoint_path)
             speed = (run.step - run.first_step) * args.batch_size / (time.time() - run.started)
             eta = format_seconds((run.last_step - run.step) * args.batch_size / speed)
-            print(progress_line(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{run.last_step}",
-                                dict(means, lr=hyper["lr"], images_per_s=speed, eta=eta)), flush=True)
+            log(progress_line(f"epoch {epoch + 1}/{args.epochs} step {run.step}/{run.last_step}",
+                              dict(means, lr=hyper["lr"], images_per_s=speed, eta=eta)))
         if run.step == run.last_step:
             break
     seconds, done, counted = time.time() - started, run.step - first_step, run.step - epoch_start
-    run.epoch_sums = sums
-    row = dict(epoch=epoch + 1, step=run.step, **{name: total.item() / counted for name, total in sums.items()})
+    run.epoch_sums = mean_over_ranks(sums)
+    row = dict(epoch=epoch + 1, step=run.step, **{name: total / counted for name, total in run.epoch_sums.items()})
     speed = dict(images_per_s=done * args.batch_size / seconds, epoch_time_s=seconds)
     if run.compute.device.type == "cuda":
         speed["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.compute.device) / 2**30
@@ -234,19 +238,23 @@ def train_epoch(run):
 def evaluate_and_save(run, row, speed, hyper):
     """The end of an epoch (or of --max-steps): every --eval-every epochs the kNN monitor and collapse
     metrics and a progress line; then, at the first epoch of a run, at its last step and otherwise once
-    a minute (SAVE_EVERY_S), the checkpoint (atomically), the metrics file and the figure."""
+    a minute (SAVE_EVERY_S), the checkpoint (atomically), the metrics file and the figure: written by rank 0
+    alone, while the other ranks wait for it."""
     rng, args = rng_state(run.compute.device), run.args
     stop_if_not_finite(row, run.model, row["step"], run.checkpoint_path)
+    average_running_statistics(run.model)
     if row["epoch"] % args.eval_every == 0 or row["epoch"] == args.epochs or row["step"] == run.last_step:
         row.update(evaluate(run.model, run.data, args, run.compute))
         stop_if_not_finite(row, run.model, row["step"], run.checkpoint_path)
         shown = {name: value for name, value in row.items() if isinstance(value, float)}
-        print(progress_line(f"epoch {row['epoch']}/{args.epochs}", {**shown, **speed}), flush=True)
+        log(progress_line(f"epoch {row['epoch']}/{args.epochs}", {**shown, **speed}))
         run.history.append({**row, **speed, **hyper})
-    if run.saved_at is None or row["step"] == run.last_step or time.time() - run.saved_at >= SAVE_EVERY_S:
+
+    def save():
+        if run.saved_at is not None and row["step"] != run.last_step and time.time() - run.saved_at < SAVE_EVERY_S:
+            return
         # Inside an epoch (--max-steps), the sums of its steps so far: the resumed run goes on from them.
-        inside = row["step"] % run.steps_per_epoch != 0
-        epoch_sums = {name: total.item() for name, total in run.epoch_sums.items()} if inside else {}
+        epoch_sums = run.epoch_sums if row["step"] % run.steps_per_epoch != 0 else {}
         # The checkpoint first: the metrics file and the figure never run ahead of it.
         save_checkpoint(run.checkpoint_path, dict(
             script=SCRIPT, format=1, epoch=row["step"] // run.steps_per_epoch, step=row["step"], rng=rng,
@@ -258,12 +266,14 @@ def evaluate_and_save(run, row, speed, hyper):
             plot_history(run.history, run.out_dir / f"{SCRIPT}.png", figure_panels(args))
         run.saved_at = time.time()
 
+    on_main_rank(save)
+
 
 def evaluate(model, data, args, compute):
     """kNN top-1 on the backbone features; effective rank and collapse metric of the projected test set."""
     model.eval()
-    train_features = embed(model.backbone, data["train_x"], data["mean"], data["std"], compute)
-    test_features = embed(model.backbone, data["test_x"], data["mean"], data["std"], compute)
+    train_features = embed_over_ranks(model.backbone, data["train_x"], data["mean"], data["std"], compute)
+    test_features = embed_over_ranks(model.backbone, data["test_x"], data["mean"], data["std"], compute)
     with torch.no_grad():
         test_embedding = model.projector(test_features)
     model.train()
@@ -315,8 +325,15 @@ def get_args(argv=None):
 # plots.
 # ================================================================================================
 def fail(message):
-    """Stop with a one-line error and a non-zero exit code."""
-    raise SystemExit(f"{SCRIPT}.py: error: {message}")
+    """Stop with a one-line error and a non-zero exit code (in a data-parallel run every rank stops, rank 0
+    alone says why: the ranks take their decisions together)."""
+    raise SystemExit(f"{SCRIPT}.py: error: {message}" if is_main_rank() else 1)
+
+
+def log(line):
+    """Print a progress or status line: in a data-parallel run, rank 0 alone prints."""
+    if is_main_rank():
+        print(line, flush=True)
 
 
 def number_type(cast, accepts, rule):
@@ -362,6 +379,8 @@ def shared_parser():
     add("--knn-t", type=positive_float, help="temperature of the kNN vote weights")
     add("--device", default="auto", help="auto, cuda, mps or cpu")
     add("--compile", action="store_true", help="torch.compile the model's forward pass and the views' pixel work")
+    add("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+        help="data-parallel on CUDA: batch norm over the global batch (nn.SyncBatchNorm); per rank elsewhere")
     add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
     add("--out-dir", default=None, help="run folder; None: a new one, runs/<script>-<time>")
     add("--resume", default=None, help="checkpoint.pt of a run to continue")
@@ -374,7 +393,7 @@ SAVE_EVERY_S = 60
 
 # A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
 # --eval-every, --log-every and --data-dir when given again.
-RUN_FLAGS = ("max_steps", "device", "compile", "out_dir", "resume")
+RUN_FLAGS = ("max_steps", "device", "compile", "sync_bn", "out_dir", "resume")
 RESUME_FLAGS = ("epochs", "eval_every", "log_every", "data_dir")
 
 
@@ -412,20 +431,30 @@ def compute_settings(device_name, compile_views=False):
     """Where and how the run computes, decided once: bf16 autocast on CUDA (tensor cores), float32
     elsewhere; channels-last images on CUDA and CPU (the layout of cuDNN's and oneDNN's fastest
     convolutions; README, Benchmarks), the default layout on MPS; the views' pixel work compiled with
-    --compile (one graph per view shape: dynamic=False, so a run never recompiles)."""
-    device = pick_device(device_name)
+    --compile (one graph per view shape: dynamic=False, so a run never recompiles). Started by torchrun
+    (WORLD_SIZE > 1), the process is one rank of a data-parallel run: it joins the process group (NCCL on
+    CUDA, one GPU per rank, cuda:LOCAL_RANK; gloo on CPU)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", 0)))
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "mps":
+            fail("a data-parallel run needs CUDA or the CPU, not MPS")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.backends.cudnn.benchmark = True
-    return SimpleNamespace(device=device,
+    return SimpleNamespace(device=device, rank=rank, world_size=world_size,
                            autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
                            memory_format=torch.contiguous_format if device.type == "mps" else torch.channels_last,
                            transform_view=torch.compile(transform_view, dynamic=False) if compile_views
                            else transform_view)
 
 
-def pick_device(name):
+def pick_device(name, local_rank=0):
+    """The device of --device; "cuda" (and "auto" with a GPU) is the rank's own GPU, cuda:LOCAL_RANK."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -435,7 +464,85 @@ def pick_device(name):
         fail("--device cuda, but no CUDA GPU is visible")
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps, but MPS is not available")
-    return device
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+# --- data parallel (torchrun): what the ranks share, and the one rank that writes ----------------
+def is_main_rank():
+    """Rank 0 of a data-parallel run (torchrun sets RANK), or the one process of any other run."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def data_parallel(model, args, compute):
+    """The forward of the training step. With several ranks: the model's batch norm synchronised over them
+    on CUDA (--sync-bn; SyncBatchNorm needs CUDA, so on the CPU each rank normalises its own share), and its
+    forward through DistributedDataParallel, whose backward averages the gradients over the ranks, so that
+    every rank takes the same optimiser step and the weights stay equal without being sent. The EMA
+    target, outside the optimiser, then stays equal by itself. In one process: the model itself."""
+    if compute.world_size == 1:
+        return model
+    has_bn = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if has_bn and args.sync_bn and compute.device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces the layers in place, keeping their tensors
+        log(f"batch norm synchronised over {compute.world_size} ranks (--no-sync-bn: per rank)")
+    elif has_bn:
+        log(f"batch norm per rank, over {args.batch_size // compute.world_size} images"
+            + (" (SyncBatchNorm needs CUDA)" if args.sync_bn else ""))
+    # The running statistics are averaged at each epoch's end instead (average_running_statistics).
+    return DistributedDataParallel(model, device_ids=[compute.device] if compute.device.type == "cuda" else None,
+                                   forward_sync_buffers=False)
+
+
+def own_share(rows, compute, copies=1):
+    """This rank's share of rows laid out as `copies` stacked copies of the global batch: of each copy, the
+    rank's contiguous block of batch / world_size rows (in one process, all rows)."""
+    return rows.unflatten(0, (copies, compute.world_size, -1))[:, compute.rank].flatten(0, 1)
+
+
+def mean_over_ranks(values):
+    """Named device scalars (the epoch's sums of the step metrics) averaged over the ranks, as floats: one
+    all-reduce of one stacked tensor and one host sync, however many names."""
+    if not values:
+        return {}
+    stacked = torch.stack([value.double() for value in values.values()])
+    return dict(zip(values, average_over_ranks(stacked).tolist()))
+
+
+def average_over_ranks(tensor):
+    """The tensor averaged over the ranks, in place (an all-reduce; in one process, the tensor itself)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+@torch.no_grad()
+def average_running_statistics(model):
+    """Batch norm's running statistics averaged over the ranks before they are evaluated or saved: with
+    per-rank batch norm each rank has its own. (Synchronised, they are equal already; they take no part in
+    training, which normalises with the batch's statistics.)"""
+    if dist.is_initialized():
+        for name, buffer in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                average_over_ranks(buffer)
+
+
+def on_main_rank(action):
+    """action() on rank 0 alone (what writes the run's files), its result sent to every rank, which also
+    waits for it; if it fails, every rank stops, so none waits for a rank that is gone."""
+    if not dist.is_initialized():
+        return action()
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [(True, action())]
+        except SystemExit as stop:
+            outcome = [(False, stop.code)]
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise SystemExit(value if dist.get_rank() == 0 else 1)
+    return value
 
 
 def fused_optimizer(model):
@@ -451,6 +558,8 @@ def scaled_lr(args):
 def start_run(args, checkpoint, model, optimizer, data, compute):
     """The run's state: a new one, or the one the checkpoint saved (weights, optimiser, step, history).
     An epoch stopped inside is redone from the checkpoint's step, so its history row is dropped."""
+    if args.batch_size % compute.world_size:
+        fail(f"--batch-size {args.batch_size} (the global batch) does not split evenly over {compute.world_size} ranks")
     steps_per_epoch = len(data["train_x"]) // args.batch_size  # the last partial batch is dropped
     total_steps = args.epochs * steps_per_epoch
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
@@ -463,22 +572,24 @@ def start_run(args, checkpoint, model, optimizer, data, compute):
         check_same_data(checkpoint["data"], data_info, args)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        step, history = checkpoint["step"], checkpoint["history"]
-        epoch_sums = {name: torch.tensor(total, device=compute.device)
-                      for name, total in checkpoint.get("epoch_sums", {}).items()}
+        step, history, epoch_sums = checkpoint["step"], checkpoint["history"], checkpoint.get("epoch_sums", {})
     if args.compile:
         model.compile(dynamic=False)  # compiles model(...) in place: the state dict keeps its keys
-    out_dir, folder_lock, created_folder = claim_run_folder(args.out_dir, args.resume)
+    forward = data_parallel(model, args, compute)
+    out_dir, folder_lock, created_folder = on_main_rank(lambda: claim_run_folder(args.out_dir, args.resume))
+    if not is_main_rank():  # the folder is rank 0's to hold
+        folder_lock, created_folder = None, False
     if checkpoint:
-        print(f"resumed {args.resume} at step {step}")
-    print(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}, "
-          f"{steps_per_epoch} steps per epoch, writing to {out_dir}")
+        log(f"resumed {args.resume} at step {step}")
+    ranks = f" x {compute.world_size} ranks" if compute.world_size > 1 else ""
+    log(f"{SCRIPT}: {len(data['train_x'])} train / {len(data['test_x'])} test images on {compute.device}{ranks}, "
+        f"{steps_per_epoch} steps per epoch, writing to {out_dir}")
     warmup_steps = int(args.warmup_epochs * steps_per_epoch)
     if warmup_steps >= last_step > step:
-        print(f"warning: the {args.warmup_epochs:g}-epoch warm-up ({warmup_steps} steps) is as long as the run "
-              f"({last_step} steps): the learning rate never reaches its peak")
+        log(f"warning: the {args.warmup_epochs:g}-epoch warm-up ({warmup_steps} steps) is as long as the run "
+            f"({last_step} steps): the learning rate never reaches its peak")
     return SimpleNamespace(
-        args=args, model=model, optimizer=optimizer, data=data, compute=compute, data_info=data_info,
+        args=args, model=model, forward=forward, optimizer=optimizer, data=data, compute=compute, data_info=data_info,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, last_step=last_step, step=step,
         history=[row for row in history if row["epoch"] <= step // steps_per_epoch], epoch_sums=epoch_sums,
         rng=checkpoint["rng"] if checkpoint else None, started=time.time(), first_step=step, saved_at=None,
@@ -548,7 +659,8 @@ def training_frame(run):
     except KeyboardInterrupt:
         saved = (f"{run.checkpoint_path} holds step {run.saved_step}: continue with --resume {run.checkpoint_path}"
                  if run.saved_step is not None else "no checkpoint was written yet")
-        print(f"\n{SCRIPT}.py: interrupted at step {run.step}; {saved}", file=sys.stderr)
+        if is_main_rank():
+            print(f"\n{SCRIPT}.py: interrupted at step {run.step}; {saved}", file=sys.stderr)
         raise SystemExit(130)
     finally:
         if run.folder_lock is not None:
@@ -570,8 +682,10 @@ def check_same_data(saved, current, args):
 def finish_run(run):
     if run.history:
         last = run.history[-1]
-        print(f"done: epoch {last['epoch']} kNN top-1 {last['knn_top1']:.2%} (last epoch), "
-              f"collapse {last['collapse']:.3f}, outputs in {run.out_dir}")
+        log(f"done: epoch {last['epoch']} kNN top-1 {last['knn_top1']:.2%} (last epoch), "
+            f"collapse {last['collapse']:.3f}, outputs in {run.out_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return run.history
 
 
@@ -604,11 +718,13 @@ def stop_if_not_finite(values, model, step, checkpoint_path):
     """A NaN/inf among the logged values (loss, evaluation metrics) or in the weights and batch-norm
     statistics ends the run before anything more is evaluated or saved, so the checkpoint on disk stays
     good. Weights: x * 0 is 0 for a finite x and NaN otherwise, so one norm per tensor, all in two fused
-    calls, tells (one host sync; at progress lines and epochs only)."""
+    calls, tells (one host sync; at progress lines and epochs only). The logged values are the ranks' means
+    already, so every rank takes the same decision."""
     problems = [f"{name} is {value}" for name, value in values.items()
                 if isinstance(value, float) and not math.isfinite(value)]
     tensors = [tensor for tensor in model.state_dict().values() if tensor.is_floating_point()]
-    if torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0))).sum().item() != 0:
+    # Summed over the ranks, so that all of them stop together, whichever rank's tensors overflowed.
+    if average_over_ranks(torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, 0.0))).sum()).item() != 0:
         problems.append("the weights hold NaN or inf")
     if problems:
         kept = f"{checkpoint_path} is the last good one" if checkpoint_path.exists() else "no checkpoint was written"
@@ -617,7 +733,13 @@ def stop_if_not_finite(values, model, step, checkpoint_path):
 
 # --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
 def prepare_data(args, device):
+    # Data-parallel: the first rank of each machine loads (and downloads) the data first, the others after it.
+    first_on_machine = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first_on_machine:
+        dist.barrier()
     data = load_dataset(args)
+    if dist.is_initialized() and first_on_machine:
+        dist.barrier()
     if len(data["train_x"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
     pixels = data["train_x"][:10000].float() / 255
@@ -692,7 +814,7 @@ def read_image_folder(root, img_size, subset_args=None):
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
     keep = subset_indices(len(folder), subset_args) if subset_args else None
     positions = range(len(folder)) if keep is None else keep.tolist()
-    print(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px", flush=True)
+    log(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px")
     images = []
     for position in positions:
         try:
@@ -733,12 +855,17 @@ def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def augment(images, view, mean, std, compute, out_size=None):
-    """One random view of every image at out_size x out_size (default: the images' size), normalised, in
-    the run's memory layout: the random parameters drawn here, per image, the pixel work in
-    compute.transform_view (transform_view, compiled with --compile)."""
+def augment(images, view, mean, std, compute, out_size=None, copies=1):
+    """`copies` random views (DINO's local crops; else one) of every image at out_size x out_size (default:
+    the images' size), normalised, in the run's memory layout, stacked copy by copy: the random parameters
+    drawn here, per image, the pixel work in compute.transform_view (transform_view, compiled with
+    --compile). In a data-parallel run `images` are the rank's share of the global batch; the parameters
+    are drawn for the whole global batch, on every rank alike, and each rank keeps those of its share: the
+    ranks together make exactly the views of one process with the same --batch-size and seed."""
     batch, _, height, width = images.shape
-    params = sample_view_params(batch, height, width, view, images.device)
+    params = sample_view_params(copies * compute.world_size * batch, height, width, view, images.device)
+    params = {name: own_share(value, compute, copies) for name, value in params.items()}
+    images = images.repeat(copies, 1, 1, 1) if copies > 1 else images
     return compute.transform_view(images, params, mean, std, out_size or height, compute.memory_format)
 
 
@@ -941,6 +1068,18 @@ def embed(network, images, mean, std, compute, batch_size=1024):
     return torch.cat(out)
 
 
+def embed_over_ranks(network, images, mean, std, compute):
+    """embed() in a data-parallel run: each rank embeds a contiguous share of the images and the shares are
+    gathered, so every rank gets every feature, and computes the same kNN accuracy."""
+    if compute.world_size == 1:
+        return embed(network, images, mean, std, compute)
+    share = -(-len(images) // compute.world_size)
+    features = embed(network, images[compute.rank * share:(compute.rank + 1) * share], mean, std, compute)
+    shares = [features.new_empty(share, features.shape[1]) for _ in range(compute.world_size)]
+    dist.all_gather(shares, F.pad(features, (0, 0, 0, share - len(features))))  # the last share may be short
+    return torch.cat(shares)[:len(images)]
+
+
 @torch.no_grad()
 def knn_top1(train_features, train_labels, test_features, test_labels, k, temperature, chunk=1024):
     """Weighted kNN (Wu et al. 2018): the k most cosine-similar training images vote for their
@@ -960,7 +1099,7 @@ def knn_top1(train_features, train_labels, test_features, test_labels, k, temper
 # --- checkpoints, metrics and plots ---------------------------------------------------------------
 def layer_names(sequential):
     """The layout of an MLP as the checkpoint's `arch` records it, read off the module itself."""
-    names = {nn.Linear: "linear", nn.BatchNorm1d: "bn", nn.ReLU: "relu", nn.GELU: "gelu"}
+    names = {nn.Linear: "linear", nn.BatchNorm1d: "bn", nn.SyncBatchNorm: "bn", nn.ReLU: "relu", nn.GELU: "gelu"}
     return [names[type(layer)] for layer in sequential]
 
 

@@ -63,7 +63,7 @@ def time_script(name, options):
     def step(i):
         hyper = script.hyperparameters(i, 100 * steps_per_epoch, steps_per_epoch, args)
         batch = torch.randint(0, len(data["train_x"]), (args.batch_size,), device=device)
-        return script.train_step(model, optimizer, data["train_x"][batch], hyper, args, data, compute)
+        return script.train_step(model, model, optimizer, data["train_x"][batch], hyper, args, data, compute)
 
     for i in range(options.warmup):
         step(i)

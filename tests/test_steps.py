@@ -43,7 +43,7 @@ def run_steps(script, args, compute, data, model, optimizer, steps, first=0):
         torch.manual_seed(step)
         hyper = script.hyperparameters(step, 100, 4, args)
         images = data["train_x"][16 * step:16 * (step + 1)]
-        losses.append(script.train_step(model, optimizer, images, hyper, args, data, compute)["loss"])
+        losses.append(script.train_step(model, model, optimizer, images, hyper, args, data, compute)["loss"])
     return losses
 
 
