@@ -77,19 +77,26 @@ RECIPE = dict(
 # scale 0.08-1, flip, colour jitter (0.4, 0.4, 0.4, 0.1) with probability 0.8, grayscale 0.2, no blur ("cifar10
 # images are small"), no solarization. Both views are drawn the same way.
 VIEW = dict(crop_scale=(0.08, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-            grayscale=0.2, solarize=0.0, blur=0.0)
+            grayscale=0.2, solarize=0.0, blur=0.0, blur_sigma=(0.1, 2.0))
 VIEWS = (VIEW, VIEW)
+# From LARGE_IMAGE_SIZE (96 px) on, luckmatters' STL-10 blur: every image, a kernel of 10% of the image (9 taps
+# at 96 px, as luckmatters'), sigma 0.1-2 px of a 224-px image scaled to the image size (sample_blur; luckmatters
+# draws 0.1-2 px at 96 px, a stronger blur).
+LARGE_VIEWS = ({**VIEW, "blur": 1.0}, {**VIEW, "blur": 1.0})
 
 
 # ------------------------------------------------------------------------------------------------
 # The method: model, loss, optimiser and the update of one training step
 # ------------------------------------------------------------------------------------------------
-def cifar_resnet18():
-    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution, no max-pool,
-    no classifier, so a 32x32 image keeps enough resolution and the output is 512-d."""
+def resnet18_backbone(cifar_stem=True):
+    """torchvision's ResNet-18 without its classifier: 512-d features. With cifar_stem (images below
+    LARGE_IMAGE_SIZE), the CIFAR stem, a 3x3 stride-1 first convolution and no max-pool, so a 32x32 image keeps
+    enough resolution; without, torchvision's ImageNet stem (7x7 stride 2, then a max-pool), as luckmatters
+    and solo-learn train STL-10 at 96 px."""
     net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
 
@@ -129,9 +136,9 @@ def direct_predictor(F_hat, eps, vector):
 
 
 class BYOL(nn.Module):
-    def __init__(self, proj_hidden, proj_dim, predictor, symmetric):
+    def __init__(self, proj_hidden, proj_dim, predictor, symmetric, cifar_stem=True):
         super().__init__()
-        self.backbone = cifar_resnet18()
+        self.backbone = resnet18_backbone(cifar_stem)
         self.projector = mlp(512, proj_hidden, proj_dim)
         # One linear map without bias; set in closed form (--predictor direct) it takes no gradient.
         self.predictor = nn.Linear(proj_dim, proj_dim, bias=False).requires_grad_(predictor == "sgd")
@@ -192,7 +199,7 @@ def regression_loss(prediction, target):
 
 
 def build_model(args):
-    return BYOL(args.proj_hidden, args.proj_dim, args.predictor, args.symmetric)
+    return BYOL(args.proj_hidden, args.proj_dim, args.predictor, args.symmetric, args.img_size < LARGE_IMAGE_SIZE)
 
 
 def make_optimizer(model, args):
@@ -220,8 +227,9 @@ def train_step(model, forward, optimizer, images, hyper, args, data, compute):
     Returns what the log averages over the epoch, as device tensors."""
     for group in optimizer.param_groups:
         group["lr"] = hyper["lr"]
-    view1 = augment(images, VIEWS[0], data["mean"], data["std"], compute)
-    view2 = augment(images, VIEWS[1], data["mean"], data["std"], compute)
+    views = VIEWS if args.img_size < LARGE_IMAGE_SIZE else LARGE_VIEWS
+    view1 = augment(images, views[0], data["mean"], data["std"], compute)
+    view2 = augment(images, views[1], data["mean"], data["std"], compute)
     with compute.autocast:
         loss, z1, z2 = forward(view1, view2)
     optimizer.zero_grad(set_to_none=True)
@@ -277,9 +285,8 @@ def train_epoch(run):
     args, epoch = run.args, run.step // run.steps_per_epoch
     epoch_start, started, first_step = epoch * run.steps_per_epoch, time.time(), run.step
     sums = run.epoch_sums if run.step > epoch_start else {}
-    for batch_indices in epoch_batches(epoch, run):
+    for images in epoch_batches(epoch, run):
         hyper = hyperparameters(run.step, run.total_steps, run.steps_per_epoch, args)
-        images = run.data["train_x"][own_share(batch_indices, run.compute)]
         metrics = train_step(run.model, run.forward, run.optimizer, images, hyper, args, run.data, run.compute)
         sums = {name: sums.get(name, 0) + value for name, value in metrics.items()}
         run.step += 1
@@ -339,12 +346,12 @@ def evaluate_and_save(run, row, speed, hyper):
 def evaluate(model, data, args, compute):
     """kNN top-1 on the backbone features; effective rank and collapse metric of the projected test set."""
     model.eval()
-    train_features = embed_over_ranks(model.backbone, data["train_x"], data["mean"], data["std"], compute)
+    labelled_features = embed_over_ranks(model.backbone, data["labelled_x"], data["mean"], data["std"], compute)
     test_features = embed_over_ranks(model.backbone, data["test_x"], data["mean"], data["std"], compute)
     with torch.no_grad():
         test_embedding = model.projector(test_features)
     model.train()
-    return dict(knn_top1=knn_top1(train_features, data["train_y"], test_features, data["test_y"],
+    return dict(knn_top1=knn_top1(labelled_features, data["labelled_y"], test_features, data["test_y"],
                                   args.knn_k, args.knn_t),
                 erank=effective_rank(test_embedding),
                 eval_collapse=collapse_metric(test_embedding).item(),
@@ -354,7 +361,8 @@ def evaluate(model, data, args, compute):
 def checkpoint_entries(model, args):
     """The model's part of a checkpoint: its weights, and how linear_eval.py and spectrum.py rebuild its
     backbone and projector from them."""
-    arch = dict(backbone="resnet18_cifar", backbone_kwargs={}, feature_dim=512, backbone_prefix="backbone.",
+    arch = dict(backbone="resnet18", backbone_kwargs=dict(cifar_stem=args.img_size < LARGE_IMAGE_SIZE),
+                feature_dim=512, backbone_prefix="backbone.",
                 projector_prefix="projector.", projector_layers=layer_names(model.projector))
     return dict(arch=arch, model=model.state_dict(), F=model.F_hat)
 
@@ -389,7 +397,7 @@ def build_parser():
 
 def get_args(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_flags(parser, argv)
     if args.symmetric and args.predictor != "sgd":
         parser.error("--symmetric applies to --predictor sgd (a direct W_p is symmetric by construction)")
     return args
@@ -437,10 +445,14 @@ def shared_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "folder", "synthetic"], help="image source")
-    add("--data-dir", default="./data", help="download folder (cifar) or DIR with train/ and test/ (folder)")
-    add("--img-size", type=number_type(int, lambda value: value >= 8, ">= 8"), default=32,
-        help="images are resized once to this size")
+    add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder", "synthetic"],
+        help="image source")
+    add("--data-dir", default="./data", help="download folder (cifar, stl10) or DIR with train/ and test/ (folder)")
+    add("--img-size", type=number_type(int, lambda value: value == 0 or value >= 8, "0 or >= 8"), default=0,
+        help="images are resized once to this size; 0: the dataset's own (STL-10 96, else 32)")
+    add("--stream", action="store_true",
+        help="folder: decode the files in DataLoader workers as training goes, not once into memory "
+             "(automatic when the decoded images would exceed half the free memory)")
     add("--subset", type=non_negative_int, default=0, help="train on a random N images of the train split (0: all)")
     add("--epochs", type=positive_int, help="length of the schedules")
     add("--max-steps", type=non_negative_int, default=0, help="stop after this many steps in all (0: no limit)")
@@ -463,13 +475,24 @@ def shared_parser():
     return parser
 
 
+# The size --img-size 0 takes: the dataset's own (a folder's images and the synthetic ones: CIFAR's).
+NATIVE_IMAGE_SIZE = dict(stl10=96)
+
+
+def parse_flags(parser, argv):
+    """The parsed flags, with --img-size 0 made the dataset's own size."""
+    args = parser.parse_args(argv)
+    args.img_size = args.img_size or NATIVE_IMAGE_SIZE.get(args.dataset, 32)
+    return args
+
+
 # A fast epoch (seconds on a GPU) would spend a large share of its time writing a 190 MB checkpoint
 # and drawing the figure: they are written once a minute, at the first epoch and at the last step.
 SAVE_EVERY_S = 60
 
 # A resumed run keeps its settings, except these flags of the invocation itself, and --epochs,
 # --eval-every, --log-every and --data-dir when given again.
-RUN_FLAGS = ("max_steps", "device", "compile", "sync_bn", "out_dir", "resume")
+RUN_FLAGS = ("max_steps", "device", "compile", "sync_bn", "stream", "out_dir", "resume")
 RESUME_FLAGS = ("epochs", "eval_every", "log_every", "data_dir")
 
 
@@ -748,8 +771,11 @@ def training_frame(run):
 def check_same_data(saved, current, args):
     """A resumed run must train on the data it started on: the same classes, image counts and pixels
     (the fingerprint of the decoded splits), whatever --data-dir now points at."""
-    differing = [name for name in ("dataset", "img_size", "classes", "num_train", "num_test", "fingerprint")
-                 if name in saved and saved[name] != current[name]]
+    names = ["dataset", "img_size", "classes", "num_train", "num_test"]
+    # A fingerprint of pixels and one of streamed files do not compare (a run may resume on the other path).
+    if saved.get("fingerprint", "").startswith("files:") == current["fingerprint"].startswith("files:"):
+        names.append("fingerprint")
+    differing = [name for name in names if name in saved and saved[name] != current[name]]
     if differing:
         fail(f"--data-dir {args.data_dir} holds other data than the checkpoint was trained on (differing: "
              f"{', '.join(differing)}); resume with the run's own data, or start a new run")
@@ -766,16 +792,21 @@ def finish_run(run):
 
 
 def epoch_batches(epoch, run):
-    """The image indices of the epoch's batches, from run.step on. All randomness of an epoch follows
-    from (seed, epoch), and a run resumed inside it restores the generators' state of its stop: it
-    draws what the uninterrupted run would have drawn."""
+    """The uint8 images of the epoch's batches (of each, this rank's share) on the device, from run.step on:
+    indexed from the decoded split, or decoded from the files by DataLoader workers (streamed). All
+    randomness of an epoch follows from (seed, epoch), and a run resumed inside it restores the generators'
+    state of its stop: it draws what the uninterrupted run would have drawn."""
     torch.manual_seed(run.args.seed * 100_003 + epoch)
-    permutation = torch.randperm(len(run.data["train_x"]), device=run.compute.device)
+    train_x, device = run.data["train_x"], run.compute.device
+    permutation = torch.randperm(len(train_x), device=device)
     batches = permutation[:run.steps_per_epoch * run.args.batch_size].view(run.steps_per_epoch, -1)
     done = run.step - epoch * run.steps_per_epoch
     if done:
-        set_rng_state(run.rng, run.compute.device)
-    return batches[done:]
+        set_rng_state(run.rng, device)
+    shares = [own_share(batch, run.compute) for batch in batches[done:]]
+    if isinstance(train_x, ImageFiles):  # one host copy of the epoch's indices, for the workers
+        return (images.to(device, non_blocking=True) for images in train_x.batches(torch.stack(shares).tolist()))
+    return (train_x[share] for share in shares)
 
 
 def progress_line(head, values):
@@ -807,22 +838,38 @@ def stop_if_not_finite(values, model, step, checkpoint_path):
         fail(f"{' and '.join(problems)} at step {step}; stopped without saving ({kept}); try a lower --lr")
 
 
-# --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device -------
+# --- data: every split decoded once into a uint8 tensor (N, 3, H, W) on the training device, or streamed
 def prepare_data(args, device):
     # Data-parallel: the first rank of each machine loads (and downloads) the data first, the others after it.
     first_on_machine = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if dist.is_initialized() and not first_on_machine:
         dist.barrier()
-    data = load_dataset(args)
+    data = load_dataset(args, device)
     if dist.is_initialized() and first_on_machine:
         dist.barrier()
     if len(data["train_x"]) < args.batch_size:
         fail(f"--batch-size {args.batch_size} is larger than the {len(data['train_x'])} training images")
-    pixels = data["train_x"][:10000].float() / 255
-    data["mean"] = pixels.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
-    data["std"] = pixels.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+    data["mean"], data["std"] = channel_statistics(data["train_x"][:10000])
     data["fingerprint"] = fingerprint(data)
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
+    same = data["labelled_x"] is data["train_x"]  # all but STL-10: the labelled images are the training images
+    data = {key: value.to(device) if hasattr(value, "to") else value for key, value in data.items()
+            if not (same and key.startswith("labelled_"))}
+    if same:
+        data["labelled_x"], data["labelled_y"] = data["train_x"], data["train_y"]
+    return data
+
+
+def channel_statistics(images):
+    """The per-channel mean and standard deviation of uint8 images, as (1, 3, 1, 1) float tensors in [0, 1]
+    units: summed in float64, 1000 images at a time, so that no float copy of the images is made."""
+    sums, count = torch.zeros(2, 3, dtype=torch.float64), 0
+    for chunk in images.split(1000):
+        pixels = chunk.to("cpu", torch.float64).div_(255).transpose(0, 1).flatten(1)  # (3, pixels)
+        sums += torch.stack([pixels.sum(dim=1), pixels.square().sum(dim=1)])
+        count += pixels.shape[1]
+    mean = sums[0] / count
+    std = ((sums[1] - count * mean.square()) / (count - 1)).sqrt()
+    return mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
 
 
 def subset_indices(num_images, args):
@@ -835,28 +882,57 @@ def subset_indices(num_images, args):
 
 
 def fingerprint(data):
-    """A hash of both splits' pixels and labels: what a resumed run checks it trains on the same images."""
+    """A hash of the splits' pixels and labels: what a resumed run checks it trains on the same images. A
+    streamed folder's pixels are not at hand, so its hash is of the files' names and sizes ("files:...")."""
     digest = hashlib.blake2b(digest_size=8)
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        digest.update(data[name].contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    names = ["train_x", "train_y", "test_x", "test_y"]
+    if data["labelled_x"] is not data["train_x"]:
+        names += ["labelled_x", "labelled_y"]
+    for name in names:
+        if isinstance(data[name], ImageFiles):
+            digest.update("\n".join(f"{path} {os.path.getsize(path)}" for path in data[name].paths).encode())
+        else:
+            digest.update(data[name].contiguous().numpy().tobytes())
+    return ("files:" if isinstance(data["train_x"], ImageFiles) else "") + digest.hexdigest()
 
 
-def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU, the train
-    split cut to --subset (an image folder decodes only those)."""
+def load_dataset(args, device):
+    """Return dict(train_x, train_y, labelled_x, labelled_y, test_x, test_y, classes). train_x: the images
+    self-supervised training sees, cut to --subset (an image folder decodes only those); labelled_x: the
+    labelled training images, the kNN monitor's memory bank (the train split itself, but for STL-10, whose
+    unlabeled images have no label); test_x: the test split. Images are uint8 tensors on the CPU, or, for an
+    image folder that is streamed, ImageFiles."""
     if args.dataset == "folder":
-        root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size, args)
-        test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
-        if test_classes != classes:
-            fail(f"{root}/train and {root}/test have different class folders")
-        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
-    data = synthetic_dataset(args.img_size, seed=args.seed) if args.dataset == "synthetic" else load_cifar(args)
-    keep = subset_indices(len(data["train_x"]), args)
-    if keep is not None:
-        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+        data = load_image_folder(args, device)
+    else:
+        loaders = dict(synthetic=lambda: synthetic_dataset(args.img_size, seed=args.seed),
+                       stl10=lambda: load_stl10(args))
+        data = loaders.get(args.dataset, lambda: load_cifar(args))()
+        keep = subset_indices(len(data["train_x"]), args)
+        if keep is not None:
+            data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    data.setdefault("labelled_x", data["train_x"])
+    data.setdefault("labelled_y", data["train_y"])
     return data
+
+
+def load_stl10(args):
+    """STL-10 from torchvision (Coates et al. 2011; DirectPred's dataset), downloaded into --data-dir when it
+    is not there: self-supervised training on train+unlabeled (105,000 images at 96 px), the kNN memory bank
+    on its 5,000 labelled train images, the 8,000 test images for the monitor."""
+    try:
+        splits = [torchvision.datasets.STL10(args.data_dir, split=split, download=True)
+                  for split in ("train+unlabeled", "test")]
+    except Exception as error:  # offline, partial download, corrupt archive
+        fail(f"could not load stl10 into {args.data_dir} ({type(error).__name__}: {error}); offline, point "
+             f"--data-dir at a folder holding the extracted stl10_binary, or use --dataset folder")
+    (train_x, train_y), (test_x, test_y) = [
+        (torch.from_numpy(stl.data).contiguous(), torch.from_numpy(stl.labels).long()) for stl in splits]
+    if args.img_size != train_x.shape[-1]:
+        train_x, test_x = (resize_uint8(x, args.img_size) for x in (train_x, test_x))
+    labelled = train_y >= 0  # the unlabeled images have label -1
+    return dict(train_x=train_x, train_y=train_y, labelled_x=train_x[labelled], labelled_y=train_y[labelled],
+                test_x=test_x, test_y=test_y, classes=splits[0].classes)
 
 
 def load_cifar(args):
@@ -877,28 +953,128 @@ def load_cifar(args):
 
 
 def resize_uint8(images, size):
-    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 in, uint8 out)."""
-    return TF.center_crop(TF.resize(images, size, antialias=True), size)
+    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 in, uint8 out), 4096 images at
+    a time, so that a large split never has a float copy."""
+    return torch.cat([TF.center_crop(TF.resize(chunk, size, antialias=True), size) for chunk in images.split(4096)])
 
 
-def read_image_folder(root, img_size, subset_args=None):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor: with subset_args, only
-    the images of its --subset."""
+def load_image_folder(args, device):
+    """An ImageFolder tree, DIR/train/<class>/<image> and DIR/test/<class>/<image>, the train split cut to
+    --subset: decoded once into memory, or, with --stream or when the decoded images would exceed
+    memory_budget, kept as files and decoded in DataLoader workers as they are needed (ImageFiles)."""
+    root = Path(args.data_dir)
+    train, test = image_folder(root / "train"), image_folder(root / "test")
+    if test.classes != train.classes:
+        fail(f"{root}/train and {root}/test have different class folders")
+    keep = subset_indices(len(train.samples), args)
+    train_samples = train.samples if keep is None else [train.samples[position] for position in keep.tolist()]
+    decoded_bytes = (len(train_samples) + len(test.samples)) * 3 * args.img_size ** 2
+    budget = memory_budget(device)
+    stream = args.stream or decoded_bytes > budget
+    reason = "--stream" if args.stream else f"more than the budget of {budget / 2**30:.1f} GB, half the free memory"
+    log(f"{SCRIPT}: {len(train_samples)} train / {len(test.samples)} test images of {root} at {args.img_size} px, "
+        f"{decoded_bytes / 2**30:.2f} GB decoded: " + (f"streamed from the files by {loader_workers()} DataLoader "
+                                                       f"workers ({reason})" if stream else "decoding once"))
+
+    def images(samples):
+        paths = [path for path, _ in samples]
+        return ImageFiles(paths, args.img_size, device.type == "cuda") if stream else decode_files(paths, args.img_size)
+
+    return dict(train_x=images(train_samples), train_y=torch.tensor([label for _, label in train_samples]),
+                test_x=images(test.samples), test_y=torch.tensor(test.targets, dtype=torch.long),
+                classes=train.classes)
+
+
+def image_folder(root):
+    """The files and class folders of root/<class>/<image> (torchvision's ImageFolder), nothing decoded."""
     try:
-        folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
+        return torchvision.datasets.ImageFolder(root)
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
-    keep = subset_indices(len(folder), subset_args) if subset_args else None
-    positions = range(len(folder)) if keep is None else keep.tolist()
-    log(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px")
-    images = []
-    for position in positions:
+
+
+def memory_budget(device):
+    """The most the decoded images may take: half the free memory of the device (CUDA) and of this machine's
+    share of the host (which holds them while they are decoded), so the model and its activations keep the
+    rest. Where the free host memory cannot be read (not Linux), no limit."""
+    try:
+        with open("/proc/meminfo") as file:
+            host = next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        host = math.inf
+    budget = host / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(budget, torch.cuda.mem_get_info(device)[0] / 2) if device.type == "cuda" else budget
+
+
+def decode_image(path, img_size):
+    """One image file as uint8 (3, img_size, img_size), with ImageFolder's loader (PIL, RGB) and resize_uint8:
+    both data paths decode with it, so they see the same pixels."""
+    try:
+        image = TF.pil_to_tensor(torchvision.datasets.folder.default_loader(path))
+    except Exception as error:
+        raise ValueError(f"cannot decode image {path} ({type(error).__name__}: {error})") from None
+    return resize_uint8(image[None], img_size)[0]
+
+
+def decode_files(paths, img_size):
+    """The in-memory path: every file decoded once, into one uint8 tensor (N, 3, img_size, img_size)."""
+    try:
+        return torch.stack([decode_image(path, img_size) for path in paths])
+    except ValueError as error:
+        fail(str(error))
+
+
+def loader_workers():
+    """DataLoader worker processes of a streamed run: this rank's share of the machine's cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+class ImageFiles:
+    """The streamed path: an image folder's files, decoded only as their batches are needed, with decode_image
+    in DataLoader worker processes, into uint8 batches (in pinned memory for a CUDA run, so their copy to the
+    device overlaps the step). Sliced like a tensor, it gives the files of those images; split(n) and batches()
+    give decoded batches, in order."""
+
+    def __init__(self, paths, img_size, pin_memory):
+        self.paths, self.img_size, self.pin_memory = paths, img_size, pin_memory
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return ImageFiles(self.paths[index], self.img_size, self.pin_memory)
+
+    def to(self, device):
+        return self  # files stay files; each decoded batch goes to the device as it comes
+
+    def split(self, batch_size):
+        return self.batches([range(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size)])
+
+    def batches(self, index_lists):
+        """The decoded images of each list of positions, one uint8 batch per list."""
+        # A generator of its own (the loader draws its workers' seeds from it), so that the global one, which
+        # draws the views, draws what it would draw in memory.
+        loader = torch.utils.data.DataLoader(DecodedFiles(self.paths, self.img_size), batch_sampler=index_lists,
+                                             num_workers=loader_workers(), pin_memory=self.pin_memory,
+                                             generator=torch.Generator())
         try:
-            image, _ = folder[position]
-        except Exception as error:
-            fail(f"cannot decode image {folder.samples[position][0]} ({type(error).__name__}: {error})")
-        images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets)[list(positions)], folder.classes
+            yield from loader
+        except ValueError as error:  # a worker could not decode a file: its message is the last line
+            fail(str(error).strip().splitlines()[-1].removeprefix("ValueError: "))
+
+
+class DecodedFiles(torch.utils.data.Dataset):
+    """What a DataLoader worker decodes: the i-th file with decode_image."""
+
+    def __init__(self, paths, img_size):
+        self.paths, self.img_size = paths, img_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, position):
+        return decode_image(self.paths[position], self.img_size)
 
 
 def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
@@ -1072,6 +1248,9 @@ def rgb_to_grayscale(images):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
+# From this size on images are ImageNet-like (STL-10's 96 px, ImageNet-size folders): the ResNets take
+# torchvision's ImageNet stem rather than CIFAR's, and the views add the papers' blur.
+LARGE_IMAGE_SIZE = 96
 # The papers' blur sigmas (SimCLR, BYOL, DINO: 0.1-2 px) are in pixels of a 224-px image.
 BLUR_SIGMA_IMAGE_SIZE = 224
 
@@ -1137,10 +1316,10 @@ def embed(network, images, mean, std, compute, batch_size=1024):
     """Features of un-augmented uint8 images, with the network in eval mode (whatever it has of batch
     norm on running statistics, drop-path off)."""
     out = []
-    for chunk in images.split(batch_size):
-        x = ((chunk.float() / 255 - mean) / std).contiguous(memory_format=compute.memory_format)
+    for chunk in images.split(batch_size):  # streamed images come in decoded host batches
+        x = ((chunk.to(mean.device, non_blocking=True).float() / 255 - mean) / std)
         with compute.autocast:
-            out.append(network(x).float())
+            out.append(network(x.contiguous(memory_format=compute.memory_format)).float())
     return torch.cat(out)
 
 

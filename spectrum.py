@@ -80,30 +80,43 @@ def get_args(argv=None):
 # ------------------------------------------------------------------------------------------------
 # Data (as in the training scripts): every split decoded once into a uint8 tensor (N, 3, H, W)
 # ------------------------------------------------------------------------------------------------
-def load_dataset(args):
-    """Return dict(train_x, train_y, test_x, test_y, classes) with uint8 images on the CPU, the train
-    split cut to --subset (an image folder decodes only those)."""
+def load_dataset(args, device):
+    """Return dict(train_x, train_y, labelled_x, labelled_y, test_x, test_y, classes). train_x: the images
+    self-supervised training sees, cut to --subset (an image folder decodes only those); labelled_x: the
+    labelled training images, the kNN monitor's memory bank (the train split itself, but for STL-10, whose
+    unlabeled images have no label); test_x: the test split. Images are uint8 tensors on the CPU, or, for an
+    image folder that is streamed, ImageFiles."""
     if args.dataset == "folder":
-        root = Path(args.data_dir)
-        train_x, train_y, classes = read_image_folder(root / "train", args.img_size, args)
-        test_x, test_y, test_classes = read_image_folder(root / "test", args.img_size)
-        if test_classes != classes:
-            fail(f"{root}/train and {root}/test have different class folders")
-        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes)
-    data = synthetic_dataset(args.img_size, seed=args.seed) if args.dataset == "synthetic" else load_cifar(args)
-    keep = subset_indices(len(data["train_x"]), args)
-    if keep is not None:
-        data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+        data = load_image_folder(args, device)
+    else:
+        loaders = dict(synthetic=lambda: synthetic_dataset(args.img_size, seed=args.seed),
+                       stl10=lambda: load_stl10(args))
+        data = loaders.get(args.dataset, lambda: load_cifar(args))()
+        keep = subset_indices(len(data["train_x"]), args)
+        if keep is not None:
+            data["train_x"], data["train_y"] = data["train_x"][keep], data["train_y"][keep]
+    data.setdefault("labelled_x", data["train_x"])
+    data.setdefault("labelled_y", data["train_y"])
     return data
 
 
-def subset_indices(num_images, args):
-    """The train images of --subset N: the first N of a permutation drawn from --seed (None: all)."""
-    if args.subset > num_images:
-        fail(f"--subset {args.subset} is larger than the {num_images} images of the train split")
-    if not args.subset:
-        return None
-    return torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed))[:args.subset]
+def load_stl10(args):
+    """STL-10 from torchvision (Coates et al. 2011; DirectPred's dataset), downloaded into --data-dir when it
+    is not there: self-supervised training on train+unlabeled (105,000 images at 96 px), the kNN memory bank
+    on its 5,000 labelled train images, the 8,000 test images for the monitor."""
+    try:
+        splits = [torchvision.datasets.STL10(args.data_dir, split=split, download=True)
+                  for split in ("train+unlabeled", "test")]
+    except Exception as error:  # offline, partial download, corrupt archive
+        fail(f"could not load stl10 into {args.data_dir} ({type(error).__name__}: {error}); offline, point "
+             f"--data-dir at a folder holding the extracted stl10_binary, or use --dataset folder")
+    (train_x, train_y), (test_x, test_y) = [
+        (torch.from_numpy(stl.data).contiguous(), torch.from_numpy(stl.labels).long()) for stl in splits]
+    if args.img_size != train_x.shape[-1]:
+        train_x, test_x = (resize_uint8(x, args.img_size) for x in (train_x, test_x))
+    labelled = train_y >= 0  # the unlabeled images have label -1
+    return dict(train_x=train_x, train_y=train_y, labelled_x=train_x[labelled], labelled_y=train_y[labelled],
+                test_x=test_x, test_y=test_y, classes=splits[0].classes)
 
 
 def load_cifar(args):
@@ -124,28 +137,137 @@ def load_cifar(args):
 
 
 def resize_uint8(images, size):
-    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 in, uint8 out)."""
-    return TF.center_crop(TF.resize(images, size, antialias=True), size)
+    """Resize the shorter side to `size`, then centre-crop to size x size (uint8 in, uint8 out), 4096 images at
+    a time, so that a large split never has a float copy."""
+    return torch.cat([TF.center_crop(TF.resize(chunk, size, antialias=True), size) for chunk in images.split(4096)])
 
 
-def read_image_folder(root, img_size, subset_args=None):
-    """Decode an ImageFolder tree (root/<class>/<image>) into one uint8 tensor: with subset_args, only
-    the images of its --subset."""
+def load_image_folder(args, device):
+    """An ImageFolder tree, DIR/train/<class>/<image> and DIR/test/<class>/<image>, the train split cut to
+    --subset: decoded once into memory, or, with --stream or when the decoded images would exceed
+    memory_budget, kept as files and decoded in DataLoader workers as they are needed (ImageFiles)."""
+    root = Path(args.data_dir)
+    train, test = image_folder(root / "train"), image_folder(root / "test")
+    if test.classes != train.classes:
+        fail(f"{root}/train and {root}/test have different class folders")
+    keep = subset_indices(len(train.samples), args)
+    train_samples = train.samples if keep is None else [train.samples[position] for position in keep.tolist()]
+    decoded_bytes = (len(train_samples) + len(test.samples)) * 3 * args.img_size ** 2
+    budget = memory_budget(device)
+    stream = args.stream or decoded_bytes > budget
+    reason = "--stream" if args.stream else f"more than the budget of {budget / 2**30:.1f} GB, half the free memory"
+    log(f"{SCRIPT}: {len(train_samples)} train / {len(test.samples)} test images of {root} at {args.img_size} px, "
+        f"{decoded_bytes / 2**30:.2f} GB decoded: " + (f"streamed from the files by {loader_workers()} DataLoader "
+                                                       f"workers ({reason})" if stream else "decoding once"))
+
+    def images(samples):
+        paths = [path for path, _ in samples]
+        return ImageFiles(paths, args.img_size, device.type == "cuda") if stream else decode_files(paths, args.img_size)
+
+    return dict(train_x=images(train_samples), train_y=torch.tensor([label for _, label in train_samples]),
+                test_x=images(test.samples), test_y=torch.tensor(test.targets, dtype=torch.long),
+                classes=train.classes)
+
+
+def image_folder(root):
+    """The files and class folders of root/<class>/<image> (torchvision's ImageFolder), nothing decoded."""
     try:
-        folder = torchvision.datasets.ImageFolder(root, transform=TF.pil_to_tensor)
+        return torchvision.datasets.ImageFolder(root)
     except OSError as error:  # missing folder, no class folders, or no images in them
         fail(f"cannot read image folder {root}: {error}; --data-dir must hold train/<class>/ and test/<class>/")
-    keep = subset_indices(len(folder), subset_args) if subset_args else None
-    positions = range(len(folder)) if keep is None else keep.tolist()
-    log(f"{SCRIPT}: decoding {len(positions)} images of {root} at {img_size} px")
-    images = []
-    for position in positions:
+
+
+def memory_budget(device):
+    """The most the decoded images may take: half the free memory of the device (CUDA) and of this machine's
+    share of the host (which holds them while they are decoded), so the model and its activations keep the
+    rest. Where the free host memory cannot be read (not Linux), no limit."""
+    try:
+        with open("/proc/meminfo") as file:
+            host = next(int(line.split()[1]) * 1024 for line in file if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        host = math.inf
+    budget = host / 2 / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(budget, torch.cuda.mem_get_info(device)[0] / 2) if device.type == "cuda" else budget
+
+
+def decode_image(path, img_size):
+    """One image file as uint8 (3, img_size, img_size), with ImageFolder's loader (PIL, RGB) and resize_uint8:
+    both data paths decode with it, so they see the same pixels."""
+    try:
+        image = TF.pil_to_tensor(torchvision.datasets.folder.default_loader(path))
+    except Exception as error:
+        raise ValueError(f"cannot decode image {path} ({type(error).__name__}: {error})") from None
+    return resize_uint8(image[None], img_size)[0]
+
+
+def decode_files(paths, img_size):
+    """The in-memory path: every file decoded once, into one uint8 tensor (N, 3, img_size, img_size)."""
+    try:
+        return torch.stack([decode_image(path, img_size) for path in paths])
+    except ValueError as error:
+        fail(str(error))
+
+
+def loader_workers():
+    """DataLoader worker processes of a streamed run: this rank's share of the machine's cores, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+class ImageFiles:
+    """The streamed path: an image folder's files, decoded only as their batches are needed, with decode_image
+    in DataLoader worker processes, into uint8 batches (in pinned memory for a CUDA run, so their copy to the
+    device overlaps the step). Sliced like a tensor, it gives the files of those images; split(n) and batches()
+    give decoded batches, in order."""
+
+    def __init__(self, paths, img_size, pin_memory):
+        self.paths, self.img_size, self.pin_memory = paths, img_size, pin_memory
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return ImageFiles(self.paths[index], self.img_size, self.pin_memory)
+
+    def to(self, device):
+        return self  # files stay files; each decoded batch goes to the device as it comes
+
+    def split(self, batch_size):
+        return self.batches([range(start, min(start + batch_size, len(self))) for start in range(0, len(self), batch_size)])
+
+    def batches(self, index_lists):
+        """The decoded images of each list of positions, one uint8 batch per list."""
+        # A generator of its own (the loader draws its workers' seeds from it), so that the global one, which
+        # draws the views, draws what it would draw in memory.
+        loader = torch.utils.data.DataLoader(DecodedFiles(self.paths, self.img_size), batch_sampler=index_lists,
+                                             num_workers=loader_workers(), pin_memory=self.pin_memory,
+                                             generator=torch.Generator())
         try:
-            image, _ = folder[position]
-        except Exception as error:
-            fail(f"cannot decode image {folder.samples[position][0]} ({type(error).__name__}: {error})")
-        images.append(resize_uint8(image, img_size))
-    return torch.stack(images), torch.tensor(folder.targets)[list(positions)], folder.classes
+            yield from loader
+        except ValueError as error:  # a worker could not decode a file: its message is the last line
+            fail(str(error).strip().splitlines()[-1].removeprefix("ValueError: "))
+
+
+class DecodedFiles(torch.utils.data.Dataset):
+    """What a DataLoader worker decodes: the i-th file with decode_image."""
+
+    def __init__(self, paths, img_size):
+        self.paths, self.img_size = paths, img_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, position):
+        return decode_image(self.paths[position], self.img_size)
+
+
+def subset_indices(num_images, args):
+    """The train images of --subset N: the first N of a permutation drawn from --seed (None: all)."""
+    if args.subset > num_images:
+        fail(f"--subset {args.subset} is larger than the {num_images} images of the train split")
+    if not args.subset:
+        return None
+    return torch.randperm(num_images, generator=torch.Generator().manual_seed(args.seed))[:args.subset]
 
 
 def synthetic_dataset(img_size, seed, num_classes=10, n_train=2000, n_test=500):
@@ -182,19 +304,23 @@ def test_images(args, checkpoint):
                                 img_size=checkpoint["data"]["img_size"], subset=0,
                                 seed=trained["seed"])  # the synthetic images depend on the seed
     if source.dataset == "folder":  # decoding the train split too would take most of the run
-        return read_image_folder(Path(source.data_dir) / "test", source.img_size)[0]
-    return load_dataset(source)["test_x"]
+        samples = image_folder(Path(source.data_dir) / "test").samples
+        return decode_files([path for path, _ in samples], source.img_size)
+    return load_dataset(source, torch.device("cpu"))["test_x"]
 
 
 # ------------------------------------------------------------------------------------------------
 # Models: the backbones of the training scripts
 # ------------------------------------------------------------------------------------------------
-def cifar_resnet18():
-    """torchvision's ResNet-18 with the CIFAR stem: a 3x3 stride-1 first convolution, no max-pool,
-    no classifier, so a 32x32 image keeps enough resolution and the output is 512-d."""
+def resnet18_backbone(cifar_stem=True):
+    """torchvision's ResNet-18 without its classifier: 512-d features. With cifar_stem (images below
+    LARGE_IMAGE_SIZE), the CIFAR stem, a 3x3 stride-1 first convolution and no max-pool, so a 32x32 image keeps
+    enough resolution; without, torchvision's ImageNet stem (7x7 stride 2, then a max-pool), as luckmatters
+    and solo-learn train STL-10 at 96 px."""
     net = torchvision.models.resnet18()
-    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
 
@@ -258,7 +384,8 @@ class ViT(nn.Module):
         return self.norm(x[:, 0])
 
 
-BACKBONES = {"resnet18_cifar": cifar_resnet18, "vit": ViT}
+# "resnet18_cifar": the checkpoints of before the ImageNet stem (always the CIFAR one).
+BACKBONES = {"resnet18": resnet18_backbone, "resnet18_cifar": resnet18_backbone, "vit": ViT}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def main(argv=None):
     device = compute.device
     view = byol.VIEWS[1]
     if args.data_dir:
-        images = byol.read_image_folder(Path(args.data_dir) / "test", args.img_size)[0]
+        test_files = [path for path, _ in byol.image_folder(Path(args.data_dir) / "test").samples]
+        images = byol.decode_files(test_files, args.img_size)
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.batch_size]]
     else:
         images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8)

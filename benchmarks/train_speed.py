@@ -30,7 +30,8 @@ def synthetic_data(script, args, device, num_train, num_test):
     def images(n):
         return torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
 
-    return dict(train_x=images(num_train), train_y=torch.arange(num_train, device=device) % 10,
+    train_x, train_y = images(num_train), torch.arange(num_train, device=device) % 10
+    return dict(train_x=train_x, train_y=train_y, labelled_x=train_x, labelled_y=train_y,
                 test_x=images(num_test), test_y=torch.arange(num_test, device=device) % 10,
                 classes=[str(c) for c in range(10)], mean=torch.full((1, 3, 1, 1), 0.45, device=device),
                 std=torch.full((1, 3, 1, 1), 0.25, device=device))
@@ -131,7 +132,7 @@ def time_lightly_peer(options):
     loader = torch.utils.data.DataLoader(Images(), batch_size=options.batch_size, shuffle=True, drop_last=True,
                                          num_workers=options.workers, persistent_workers=options.workers > 0)
     torch.manual_seed(0)
-    backbone = byol.cifar_resnet18()
+    backbone = byol.resnet18_backbone()
     projector, predictor = BYOLProjectionHead(512, 4096, 256), BYOLPredictionHead(256, 4096, 256)
     online = nn.Sequential(backbone, projector)
     target = copy.deepcopy(online).requires_grad_(False)

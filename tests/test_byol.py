@@ -142,12 +142,12 @@ def test_training_writes_checkpoint_metrics_and_plot(tmp_path, saved_figures):
     assert all(panel["lines"] == 1 for panel in panels)
     checkpoint = load(out / "checkpoint.pt")  # weights_only=True: plain types only
     assert checkpoint["script"] == "byol" and checkpoint["epoch"] == 3 and checkpoint["step"] == 12
-    assert checkpoint["arch"]["backbone"] == "resnet18_cifar"
+    assert checkpoint["arch"]["backbone"] == "resnet18" and checkpoint["arch"]["backbone_kwargs"]["cifar_stem"]
     assert checkpoint["data"]["num_classes"] == 10 and len(checkpoint["data"]["mean"]) == 3
     model = byol.BYOL(64, 32, 64)
     model.load_state_dict(checkpoint["model"])  # strict
     backbone = {k[len("backbone."):]: v for k, v in checkpoint["model"].items() if k.startswith("backbone.")}
-    byol.cifar_resnet18().load_state_dict(backbone)
+    byol.resnet18_backbone().load_state_dict(backbone)
     # The target moved towards the online network but is not equal to it.
     online, target = checkpoint["model"]["projector.0.weight"], checkpoint["model"]["target_projector.0.weight"]
     assert not torch.equal(online, target) and (online - target).abs().mean() < online.abs().mean()

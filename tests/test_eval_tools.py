@@ -194,7 +194,7 @@ def test_tools_copy_the_training_scripts_code_verbatim(tool):
     for script in (byol, dino_vit, directpred, directcopy):
         theirs = top_level_definitions(Path(script.__file__))
         shared = set(own) & set(theirs) - {"get_args", "prepare_data", "load_checkpoint", "main"}
-        assert {"load_dataset", "ViT" if script is dino_vit else "cifar_resnet18"} <= shared
+        assert {"load_dataset", "ViT" if script is dino_vit else "resnet18_backbone"} <= shared
         assert not [name for name in shared if own[name] != theirs[name]], script.__name__
 
 
@@ -223,7 +223,7 @@ def wrong_weights(checkpoint, tmp_path):
 
 def other_program(checkpoint, tmp_path):
     path = tmp_path / "other_program.pt"
-    torch.save({"epoch": 3, "state_dict": byol.cifar_resnet18().state_dict()}, path)
+    torch.save({"epoch": 3, "state_dict": byol.resnet18_backbone().state_dict()}, path)
     return path
 
 

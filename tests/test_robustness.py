@@ -250,7 +250,7 @@ def test_subset_decodes_only_its_images(tmp_path, capsys):
     chosen = byol.subset_indices(16, byol.get_args([*flags, "--subset", "4"]))
     capsys.readouterr()
     subset = byol.prepare_data(byol.get_args([*flags, "--subset", "4"]), torch.device("cpu"))
-    assert "decoding 4 images of" in capsys.readouterr().out
+    assert "byol: 4 train / 16 test images of" in capsys.readouterr().out
     assert torch.equal(subset["train_x"], full["train_x"][chosen])
     assert torch.equal(subset["train_y"], full["train_y"][chosen])
 

@@ -15,7 +15,7 @@ SCRIPTS = [TEMPLATE, *METHODS, "collapse_demo.py"]
 OURS = {Path(name).stem for name in [*SCRIPTS, "linear_eval.py", "spectrum.py"]}
 BANNER = "# " + "=" * 96 + "\n# Shared plumbing: identical in every training script"
 # Above the banner, but the same in every script that has them: the backbone and the training loop.
-SAME_ABOVE = ["cifar_resnet18", "train_epoch", "evaluate_and_save"]
+SAME_ABOVE = ["resnet18_backbone", "train_epoch", "evaluate_and_save"]
 
 
 def below_banner(script):

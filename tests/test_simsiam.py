@@ -31,7 +31,9 @@ def test_defaults_and_heads_are_the_papers_cifar_recipe():
     assert args.fix_pred_lr and not (args.no_stop_grad or args.no_predictor or args.fixed_predictor)
     assert simsiam.VIEWS[0] == simsiam.VIEWS[1] == dict(
         crop_scale=(0.2, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-        grayscale=0.2, solarize=0.0, blur=0.0)
+        grayscale=0.2, solarize=0.0, blur=0.0, blur_sigma=(0.1, 2.0))
+    # From 96 px: the ImageNet recipe's blur, probability 0.5 for both views (official main_simsiam.py).
+    assert [view["blur"] for view in simsiam.LARGE_VIEWS] == [0.5, 0.5]
 
     model = simsiam.SimSiam(args.proj_hidden, args.proj_dim, args.pred_hidden)
     layout = [(type(m).__name__, getattr(m, "in_features", None), getattr(m, "out_features", None),

@@ -94,7 +94,7 @@ class TinyBackbone(nn.Sequential):
 
 
 def test_a_compiled_step_gives_the_eager_loss_and_compiles_once(monkeypatch):
-    monkeypatch.setattr(byol, "cifar_resnet18", TinyBackbone)
+    monkeypatch.setattr(byol, "resnet18_backbone", lambda cifar_stem: TinyBackbone())
     eager = run_steps(byol, *set_up(byol), steps=3)
     torch._dynamo.reset()
     args, compute, data, model, optimizer = set_up(byol, compile_views=True)
