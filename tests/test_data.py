@@ -98,6 +98,19 @@ def test_from_96_px_the_resnet_takes_the_imagenet_stem_and_the_views_the_papers_
     assert blurred == [] and load(tmp_path / "small" / "checkpoint.pt")["model"]["backbone.conv1.weight"].shape[-1] == 3
 
 
+@pytest.mark.parametrize("script, expected", [("byol", (1.0, 0.1)), ("simsiam", (0.5, 0.5)),
+                                              ("directpred", (1.0, 1.0)), ("directcopy", (1.0, 1.0))])
+def test_from_96_px_each_view_blurs_as_often_as_its_paper_says(script, expected):
+    """The share of images each large view blurs, over 20,000 draws: BYOL Table 6, SimSiam's ImageNet
+    recipe, luckmatters' STL-10 transforms; and no blur below 96 px."""
+    module = __import__(script)
+    torch.manual_seed(0)
+    for view, probability in zip(module.LARGE_VIEWS, expected):
+        blur = module.sample_view_params(20000, 96, 96, view, "cpu")["blur"]
+        assert abs(blur.float().mean().item() - probability) < 0.01, (script, probability)
+    assert all("blur" not in module.sample_view_params(8, 32, 32, view, "cpu") for view in module.VIEWS)
+
+
 def test_simsiam_takes_its_imagenet_projector_from_96_px():
     """Sec. 3 and the official builder: (Linear-BN-ReLU) x 2, Linear, BN without affine; CIFAR: one hidden layer."""
     large = simsiam.build_model(simsiam.get_args(["--img-size", "96", "--proj-hidden", "64", "--proj-dim", "32"]))

@@ -109,6 +109,15 @@ def test_two_ranks_of_directpred_keep_equal_weights_and_one_predictor(tmp_path):
     assert logged(dumps[0]["history"]) == logged(dumps[1]["history"])
 
 
+def test_a_failure_of_rank_0_alone_stops_both_ranks_with_one_message(tmp_path):
+    """Rank 0 alone claims the run folder (and writes into it): when it fails, the other rank stops too."""
+    (tmp_path / "taken").write_text("a file where the run folder should be")
+    done, dumps = torchrun(tmp_path, "byol", *TINY, *BYOL_SMALL, "--pred-hidden", "64", "--epochs", "1",
+                           "--out-dir", "taken")
+    assert done.returncode != 0 and not dumps
+    assert done.stderr.count("byol.py: error: cannot create the run folder taken") == 1
+
+
 def test_a_nan_on_the_ranks_stops_both_with_one_message(tmp_path):
     done, dumps = torchrun(tmp_path, "byol", *TINY, *BYOL_SMALL, "--pred-hidden", "64", "--epochs", "1",
                            "--lr", "1e30", "--out-dir", "ranks")
