@@ -4,10 +4,12 @@ on CIFAR-10.
 Idea: one network (backbone -> projector) embeds two views of an image, and a predictor maps each
 embedding onto the other view's, which is held constant (stop-gradient): no negative pairs, no
 momentum encoder. Without the stop-gradient or the predictor the embedding collapses (Sec. 4.1-4.2,
-Fig. 2, Table 1); the `collapse`, `off_axis` and `erank` columns of the log show it (collapse about
-1 healthy, 0 collapsed). Behind the projector's affine-free output batch norm the collapse metric
-cannot reach 0 on a training batch; `off_axis`, the share of the batch's variance off its main axis,
-can (off_axis_share).
+Fig. 2, Table 1); the `collapse`, `collapse_pre_bn`, `off_axis` and `erank` columns of the log show it
+(collapse about 1 healthy, 0 collapsed). Behind the projector's affine-free output batch norm the collapse
+metric cannot reach 0 on a training batch; in front of it (`collapse_pre_bn`) it can, and so can
+`off_axis`, the share of the batch's variance off its main axis (off_axis_share). A frozen random
+predictor (Table 1b) narrows the embedding (low off_axis) without collapsing it to a point: its
+collapse_pre_bn and its loss stay high (README, SimSiam).
 
 Usage:
     python simsiam.py --epochs 100                                  # CIFAR-10, downloaded to ./data
@@ -122,13 +124,15 @@ class SimSiam(nn.Module):
         self.stop_grad = stop_grad
 
     def forward(self, view1, view2):
-        """Symmetrised loss (Eq. 2) and the projections of view 1.
+        """Symmetrised loss (Eq. 2), the projections of view 1, and view 1's projector output before its final
+        batch norm (where a collapse to one point can show: collapse_pre_bn in train_step).
         The views are forwarded separately, so batch norm sees one view's statistics at a time."""
-        z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
+        before_bn1 = self.projector[:-1](self.backbone(view1))
+        z1, z2 = self.projector[-1](before_bn1), self.projector(self.backbone(view2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         # Stop-gradient (Eqs. 3-4): each view's projection is a constant target for the other's prediction.
         t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)
-        return negative_cosine(p1, t2) / 2 + negative_cosine(p2, t1) / 2, z1
+        return negative_cosine(p1, t2) / 2 + negative_cosine(p2, t1) / 2, z1, before_bn1
 
 
 def negative_cosine(prediction, target):
@@ -191,11 +195,16 @@ def train_step(model, forward, optimizer, images, hyper, args, data, compute):
     view1 = augment(images, views[0], data["mean"], data["std"], compute)
     view2 = augment(images, views[1], data["mean"], data["std"], compute)
     with compute.autocast:
-        loss, z1 = forward(view1, view2)
+        loss, z1, before_bn1 = forward(view1, view2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return dict(loss=loss.detach(), collapse=collapse_metric(z1.detach()), off_axis=off_axis_share(z1.detach()))
+    # Two views of collapse behind the output batch norm (README, SimSiam): the paper's std (Fig. 2) of the
+    # projector output before that batch norm, which reads 0 when every image maps to one point (behind it the
+    # batch norm spreads what is left over unit variance), and the variance off the main axis, 0 when the
+    # outputs lie on one line, whichever side of the batch norm.
+    return dict(loss=loss.detach(), collapse=collapse_metric(z1.detach()), off_axis=off_axis_share(z1.detach()),
+                collapse_pre_bn=collapse_metric(before_bn1.detach()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,6 +318,7 @@ def figure_panels(args):
     """The panels of the run's figure: (history key, title, y-limits or "log", dashed reference line)."""
     return [("loss", "training loss", None, None), ("knn_top1", "kNN top-1 (test)", (0, 1), None),
             ("collapse", "collapse metric (1 healthy, 0 collapsed)", (0, 1.1), None),
+            ("collapse_pre_bn", "collapse metric before the output BN (0: one point)", (0, 1.1), None),
             ("off_axis", "variance off the main axis (0: on one line)", (0, 1.1), None),
             ("erank", "effective rank of the embedding", None, None)]
 

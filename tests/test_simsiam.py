@@ -51,13 +51,16 @@ def test_loss_is_the_symmetrised_negative_cosine():
     torch.manual_seed(0)
     model = simsiam.SimSiam(64, 32, 16)
     view1, view2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
-    loss, z1 = model(view1, view2)
+    loss, z1, before_bn1 = model(view1, view2)
     with torch.no_grad():
         z = [model.projector(model.backbone(v)) for v in (view1, view2)]
         p = [model.predictor(zi) for zi in z]
+        before_bn = model.projector[:-1](model.backbone(view1))
     expected = -0.5 * (F.cosine_similarity(p[0], z[1]).mean() + F.cosine_similarity(p[1], z[0]).mean())
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(z1, z[0])
+    torch.testing.assert_close(before_bn1, before_bn)  # what the output batch norm normalises into z1
+    assert isinstance(model.projector[-1], nn.BatchNorm1d)
     assert -1 <= loss.item() <= 1
 
 
@@ -211,6 +214,17 @@ def test_off_axis_share_reads_zero_for_a_rank_one_embedding_behind_the_batch_nor
     assert simsiam.off_axis_share(spread).item() == pytest.approx(exact, abs=0.01) and exact > 0.8
 
 
+def test_collapse_pre_bn_sees_the_one_point_that_the_output_batch_norm_spreads():
+    """Outputs at one point up to a full-rank jitter of 1e-3 of their size: the output batch norm spreads the
+    jitter over unit variance, so behind it the collapse metric reads about 1 and off_axis nearly its ceiling;
+    in front of it (collapse_pre_bn) the collapse metric reads about 0."""
+    torch.manual_seed(0)
+    before_bn = torch.randn(256) + 1e-3 * torch.randn(512, 256)
+    z = simsiam.SimSiam(64, 256, 16).projector[-1](before_bn)
+    assert simsiam.collapse_metric(before_bn).item() < 0.01
+    assert simsiam.collapse_metric(z).item() > 0.95 and simsiam.off_axis_share(z).item() > 0.9
+
+
 def test_without_stop_gradient_the_embedding_collapses(collapse_runs):
     _, default, no_stop_grad = collapse_runs
     assert default["step"] == no_stop_grad["step"] == 32
@@ -220,8 +234,10 @@ def test_without_stop_gradient_the_embedding_collapses(collapse_runs):
     # separations: the exact values depend on the CPU's kernels.
     assert default["collapse"] > 0.75 and no_stop_grad["collapse"] < default["collapse"] - 0.1
     assert no_stop_grad["erank"] < default["erank"] / 10
-    # Seen through the output batch norm: the collapsed batch lies close to one line.
+    # Seen through the output batch norm: the collapsed batch lies close to one line; in front of it, the
+    # outputs draw together towards one point.
     assert no_stop_grad["off_axis"] < default["off_axis"] / 4
+    assert no_stop_grad["collapse_pre_bn"] < default["collapse_pre_bn"] - 0.15
 
 
 def test_default_run_knn_rises_above_its_value_at_step_0(collapse_runs):
