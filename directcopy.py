@@ -1445,7 +1445,7 @@ def plot_history(history, path, panels):
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (key, title, ylim, reference) in zip(axes.flat, panels):
-        values = [row[key] for row in history]
+        values = [row.get(key, math.nan) for row in history]  # a row from before a key was logged: a gap
         if isinstance(values[0], list):
             ax.set_prop_cycle(color=plt.cm.viridis([j / len(values[0]) for j in range(len(values[0]))]))
         ax.plot(epochs, values, marker="o", markersize=3)

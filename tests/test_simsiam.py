@@ -118,6 +118,19 @@ def test_ablation_flags_exclude_each_other_and_a_resumed_run_keeps_its_own(tmp_p
     assert message.startswith("simsiam.py: error:") and "differs from the checkpoint" in message
 
 
+def test_a_run_from_before_collapse_pre_bn_was_logged_resumes_and_draws_every_panel(tmp_path, saved_figures):
+    """Its old rows have no collapse_pre_bn: the panel gets a gap there, not a KeyError."""
+    out, _ = run(tmp_path, "--epochs", "1")
+    checkpoint = load(out / "checkpoint.pt")
+    checkpoint["history"] = [{key: value for key, value in row.items() if key != "collapse_pre_bn"}
+                             for row in checkpoint["history"]]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    history = simsiam.main(["--resume", str(out / "checkpoint.pt"), "--epochs", "2"])
+    assert [("collapse_pre_bn" in row) for row in history] == [False, True]
+    panels = saved_figures["simsiam.png"]
+    assert len(panels) == len(simsiam.figure_panels(simsiam.get_args([]))) and all(p["lines"] == 1 for p in panels)
+
+
 @pytest.fixture(scope="module")
 def interrupted_and_straight(tmp_path_factory):
     """Two epochs straight, and the same run stopped inside its first epoch and resumed."""
