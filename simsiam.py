@@ -19,7 +19,7 @@ Usage:
         # a quick check without download: half a minute on 2 CPU cores
     python simsiam.py --no-stop-grad --epochs 5                     # Sec. 4.1, Fig. 2: collapses
     python simsiam.py --no-predictor --epochs 5                     # Table 1a: collapses
-    python simsiam.py --fixed-predictor --epochs 5                  # Table 1b: does not learn
+    python simsiam.py --fixed-predictor --epochs 5                  # Table 1b: narrows, no collapse to a point
 
 Result of the default command: not yet measured (no GPU run so far; the CPU checks are in the README).
 """

@@ -36,8 +36,9 @@ def write_jpeg_folder(root, classes=("cat", "dog"), per_class=4, size=20):
 
 @pytest.fixture
 def saved_figures(monkeypatch):
-    """What each figure saved during a test shows, by file name: for every visible panel its title and
-    the number of lines and vertical markers plotted (the figure itself, not the size of its file)."""
+    """What each figure saved during a test shows, by file name: for every visible panel its title, the
+    number of lines and vertical markers plotted, and each line's y values (the figure itself, not the
+    size of its file)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -45,7 +46,9 @@ def saved_figures(monkeypatch):
 
     def savefig(figure, fname, *args, **kwargs):
         saved[Path(str(fname)).name.removesuffix(".tmp")] = [
-            dict(title=ax.get_title(), lines=len(ax.get_lines())) for ax in figure.axes if ax.axison]
+            dict(title=ax.get_title(), lines=len(ax.get_lines()),
+                 ydata=[[float(y) for y in line.get_ydata()] for line in ax.get_lines()])
+            for ax in figure.axes if ax.axison]
         return real_savefig(figure, fname, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", savefig)

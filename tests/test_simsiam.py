@@ -129,6 +129,31 @@ def test_a_run_from_before_collapse_pre_bn_was_logged_resumes_and_draws_every_pa
     assert [("collapse_pre_bn" in row) for row in history] == [False, True]
     panels = saved_figures["simsiam.png"]
     assert len(panels) == len(simsiam.figure_panels(simsiam.get_args([]))) and all(p["lines"] == 1 for p in panels)
+    [old, new] = next(p for p in panels if p["title"].startswith("collapse metric before"))["ydata"][0]
+    assert math.isnan(old) and new == pytest.approx(history[1]["collapse_pre_bn"])  # a gap, not a value
+
+
+def test_train_step_measures_collapse_in_front_of_and_behind_the_output_batch_norm():
+    """collapse_pre_bn is the collapse metric of the step's own projector output in front of its last batch
+    norm; collapse and off_axis are taken of the output behind it."""
+    args = simsiam.get_args([*TINY, *SMALL_HEADS])
+    compute = simsiam.compute_settings("cpu")
+    data = simsiam.prepare_data(args, compute.device)
+    torch.manual_seed(0)
+    model = simsiam.build_model(args)
+    outputs = []
+
+    def forward(view1, view2):
+        outputs.append(model(view1, view2))
+        return outputs[-1]
+
+    metrics = simsiam.train_step(model, forward, simsiam.make_optimizer(model, args), data["train_x"][:16],
+                                 simsiam.hyperparameters(0, 100, 4, args), args, data, compute)
+    _, z1, before_bn1 = outputs[0]
+    torch.testing.assert_close(metrics["collapse_pre_bn"], simsiam.collapse_metric(before_bn1.detach()))
+    torch.testing.assert_close(metrics["collapse"], simsiam.collapse_metric(z1.detach()))
+    torch.testing.assert_close(metrics["off_axis"], simsiam.off_axis_share(z1.detach()))
+    assert abs(metrics["collapse_pre_bn"] - metrics["collapse"]) > 0.01  # two different tensors
 
 
 @pytest.fixture(scope="module")
