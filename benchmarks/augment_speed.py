@@ -41,20 +41,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    compute = byol.compute_settings(args.device)
-    device = compute.device
+    ctx = byol.setup(byol.parse_args(["--device", args.device])[0])
+    device = ctx.device
     view = byol.VIEWS[1]
     if args.data_dir:
-        test_files = [path for path, _ in byol.image_folder(Path(args.data_dir) / "test").samples]
-        images = byol.decode_files(test_files, args.img_size)
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.batch_size]]
+        files = sorted(Path(args.data_dir, "test").rglob("*.jpg"))
+        chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:args.batch_size]
+        images = torch.stack([byol.decode(files[i], args.img_size) for i in chosen.tolist()])
     else:
         images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8)
-    mean, std = torch.full((1, 3, 1, 1), 0.5, device=device), torch.full((1, 3, 1, 1), 0.25, device=device)
     on_device = images.to(device)
 
     def batched():
-        byol.augment(on_device, view, mean, std, compute)
+        byol.augment(on_device, view, ctx)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -66,7 +65,7 @@ def main(argv=None):
         T.RandomGrayscale(view["grayscale"]),
         T.RandomSolarize(128, p=view["solarize"]),
         T.ToTensor(),
-        T.Normalize([0.5] * 3, [0.25] * 3),
+        T.Normalize(byol.MEAN, byol.STD),
     ])
     pil_images = [T.functional.to_pil_image(image) for image in images]
 

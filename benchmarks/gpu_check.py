@@ -1,9 +1,10 @@
 """The headline on a GPU, in at most 9 minutes of wall time: the step benchmark (syncs per step, images
 per second, peak memory), then `byol.py --epochs 100` on CIFAR-10 as a user runs it, then as many of
 the other scripts as the time left allows, at fewer epochs. One JSON file holds what each run did:
-epochs done, seconds per epoch, peak GPU memory, and the kNN accuracy of the last epoch.
+epochs done, training images per second, and the kNN accuracy of the last epoch; the step benchmark's
+peak GPU memory and host syncs per step.
 
-    python benchmarks/gpu_check.py                                  # CIFAR-10 JPEG from .data/ or ../shared/data
+    python benchmarks/gpu_check.py                          # CIFAR-10 JPEG from .data/ or ../shared/data
     python benchmarks/gpu_check.py --data-dir /tmp/cifar10-jpeg --out gpu_check.json
 
 Without internet the data comes from the CIFAR-10 JPEG copy (`cifar10-jpeg.tar.gz`: 50,000 train and
@@ -31,7 +32,7 @@ def find_data(data_dir):
         return Path(data_dir)
     tarball = next((path for path in TARBALLS if path.exists()), None)
     if tarball is None:
-        raise SystemExit(f"gpu_check.py: error: no --data-dir and no tarball at {' or '.join(map(str, TARBALLS))}")
+        raise SystemExit(f"gpu_check.py: error: no --data-dir, nor {' or '.join(map(str, TARBALLS))}")
     target = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     with tarfile.open(tarball) as archive:
         archive.extractall(target, filter="data")
@@ -43,22 +44,22 @@ def summary(name, command, out_dir, seconds, returncode):
     metrics = out_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     last = rows[-1] if rows else {}
-    times = [row["epoch_time_s"] for row in rows]
     return dict(script=name, command=" ".join(command), returncode=returncode, wall_s=seconds,
                 epochs_done=last.get("epoch", 0), knn_top1_last=last.get("knn_top1"),
                 collapse_last=last.get("collapse"), erank_last=last.get("erank"),
-                epoch_time_s_first=times[0] if times else None,
-                epoch_time_s_median=sorted(times)[len(times) // 2] if times else None,
-                peak_memory_gb=max((row["peak_memory_gb"] for row in rows if "peak_memory_gb" in row), default=None))
+                images_per_s=last.get("images_per_s"))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 in ImageFolder layout (default: the JPEG tarball)")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 in ImageFolder layout (default: the JPEG tarball)")
     parser.add_argument("--budget-s", type=float, default=540, help="wall-time budget of the whole check")
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the byol.py run")
-    parser.add_argument("--extra", default="", help='flags added to every training run (e.g. "--subset 2000")')
-    parser.add_argument("--out", default=None, help="the JSON file (default: runs/gpu_check-<time>/gpu_check.json)")
+    parser.add_argument("--extra", default="",
+                        help='flags added to every training run (e.g. "--subset 2000")')
+    parser.add_argument("--out", default=None,
+                        help="the JSON file (default: runs/gpu_check-<time>/gpu_check.json)")
     options = parser.parse_args(argv)
     start = time.time()
     out = Path(options.out or f"runs/gpu_check-{time.strftime('%Y%m%d-%H%M%S')}/gpu_check.json")
@@ -66,7 +67,8 @@ def main(argv=None):
     report = dict(date=time.strftime("%Y-%m-%d"), budget_s=options.budget_s, runs=[])
     try:
         import torch
-        report.update(torch=torch.__version__, gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        report.update(torch=torch.__version__,
+                      gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     except ImportError:
         pass
 

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import json
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,16 +26,14 @@ sys.path.insert(0, str(ROOT))
 SCRIPTS = ["byol", "simsiam", "directpred", "directcopy", "dino_vit"]
 
 
-def synthetic_data(script, args, device, num_train, num_test):
-    """Random uint8 images in the layout prepare_data gives, on the device."""
+def synthetic_data(args, device, num_train, num_test):
+    """Random uint8 images and labels in the layout load_data gives, on the device."""
     def images(n):
         return torch.randint(0, 256, (n, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
 
-    train_x, train_y = images(num_train), torch.arange(num_train, device=device) % 10
-    return dict(train_x=train_x, train_y=train_y, labelled_x=train_x, labelled_y=train_y,
-                test_x=images(num_test), test_y=torch.arange(num_test, device=device) % 10,
-                classes=[str(c) for c in range(10)], mean=torch.full((1, 3, 1, 1), 0.45, device=device),
-                std=torch.full((1, 3, 1, 1), 0.25, device=device))
+    train_x, labels = images(num_train), torch.arange(num_train, device=device) % 10
+    return dict(train_x=train_x, labelled_x=train_x, labelled_y=labels, test_x=images(num_test),
+                test_y=torch.arange(num_test, device=device) % 10)
 
 
 def synchronize(device):
@@ -43,28 +42,30 @@ def synchronize(device):
 
 
 def time_script(name, options):
-    """Images per second of `steps` training steps after `warmup` steps, syncs per step (CUDA), peak
-    memory (CUDA), and the seconds of one evaluation."""
+    """Images per second of `steps` training steps after `warmup` steps, syncs per step (CUDA), peak memory
+    (CUDA), and the seconds of one evaluation."""
     script = importlib.import_module(name)
-    flags = ["--batch-size", str(options.batch_size), "--img-size", str(options.img_size), "--device", options.device]
-    args = script.get_args(flags + (["--compile"] if options.compile else []))
-    compute = script.compute_settings(args.device, args.compile)
-    device = compute.device
+    flags = ["--batch-size", str(options.batch_size), "--img-size", str(options.img_size), "--device",
+             options.device]
+    args = script.parse_args(flags + (["--compile"] if options.compile else []))[0]
+    ctx = script.setup(args)
+    ctx.out_dir = Path(tempfile.mkdtemp())  # where dino_vit.py's evaluation draws its attention maps
+    device = ctx.device
     cuda = device.type == "cuda"
     num_train = options.eval_train or (50_000 if cuda else 2_000)
     num_test = options.eval_test or (10_000 if cuda else 500)
-    data = synthetic_data(script, args, device, max(num_train, options.batch_size), num_test)
+    data = synthetic_data(args, device, max(num_train, options.batch_size), num_test)
     torch.manual_seed(0)
-    model = script.build_model(args).to(device, memory_format=compute.memory_format)
+    model = script.build_model(args).to(device, memory_format=torch.channels_last)
     optimizer = script.make_optimizer(model, args)
     if args.compile:
-        model.compile(dynamic=False)
+        model.compile()
     steps_per_epoch = len(data["train_x"]) // args.batch_size
 
     def step(i):
-        hyper = script.hyperparameters(i, 100 * steps_per_epoch, steps_per_epoch, args)
         batch = torch.randint(0, len(data["train_x"]), (args.batch_size,), device=device)
-        return script.train_step(model, model, optimizer, data["train_x"][batch], hyper, args, data, compute)
+        hyper = script.schedules(i, steps_per_epoch, args)
+        return script.train_step(model, model, optimizer, data["train_x"][batch], hyper, args, ctx)
 
     for i in range(options.warmup):
         step(i)
@@ -77,7 +78,8 @@ def time_script(name, options):
         seconds = float("inf")  # the best of the rounds: the least disturbed by other processes
         for round_ in range(options.rounds):
             start = time.perf_counter()
-            for i in range(options.warmup + round_ * options.steps, options.warmup + (round_ + 1) * options.steps):
+            for i in range(options.warmup + round_ * options.steps,
+                           options.warmup + (round_ + 1) * options.steps):
                 metrics = step(i)
             synchronize(device)
             seconds = min(seconds, time.perf_counter() - start)
@@ -88,11 +90,14 @@ def time_script(name, options):
 
     synchronize(device)
     start = time.perf_counter()
-    script.evaluate(model, data, args, compute)
+    script.evaluate(model.eval(), data, ctx)
+    model.train()
     synchronize(device)
     return dict(script=name, device=str(device), batch_size=args.batch_size, img_size=args.img_size,
-                compile=args.compile, steps=options.steps, images_per_s=options.steps * args.batch_size / seconds,
-                step_ms=1000 * seconds / options.steps, syncs_per_step=None if syncs is None else syncs / options.steps,
+                compile=args.compile, steps=options.steps,
+                images_per_s=options.steps * args.batch_size / seconds,
+                step_ms=1000 * seconds / options.steps,
+                syncs_per_step=None if syncs is None else syncs / options.steps,
                 peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 evaluation_s=time.perf_counter() - start, evaluation_images=(num_train, num_test), loss=loss)
 
@@ -116,10 +121,13 @@ def time_lightly_peer(options):
 
     import byol
 
-    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=options.img_size, gaussian_blur=0.0),
-                              view_2_transform=BYOLView2Transform(input_size=options.img_size, gaussian_blur=0.0))
+    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=options.img_size,
+                                                                  gaussian_blur=0.0),
+                              view_2_transform=BYOLView2Transform(input_size=options.img_size,
+                                                                  gaussian_blur=0.0))
     rng = np.random.default_rng(0)
-    pil_images = [Image.fromarray(rng.integers(0, 256, (options.img_size, options.img_size, 3), dtype=np.uint8))
+    pil_images = [Image.fromarray(rng.integers(0, 256, (options.img_size, options.img_size, 3),
+                                               dtype=np.uint8))
                   for _ in range(2_000)]
 
     class Images(torch.utils.data.Dataset):
@@ -129,10 +137,11 @@ def time_lightly_peer(options):
         def __getitem__(self, i):
             return transform(pil_images[i])
 
-    loader = torch.utils.data.DataLoader(Images(), batch_size=options.batch_size, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(Images(), batch_size=options.batch_size, shuffle=True,
+                                         drop_last=True,
                                          num_workers=options.workers, persistent_workers=options.workers > 0)
     torch.manual_seed(0)
-    backbone = byol.resnet18_backbone()
+    backbone = byol.resnet18(options.img_size)
     projector, predictor = BYOLProjectionHead(512, 4096, 256), BYOLPredictionHead(256, 4096, 256)
     online = nn.Sequential(backbone, projector)
     target = copy.deepcopy(online).requires_grad_(False)
@@ -158,23 +167,31 @@ def time_lightly_peer(options):
             if done == options.warmup + options.rounds * options.steps:
                 break
     seconds = min(seconds, time.perf_counter() - start)
-    return dict(script="lightly BYOL (peer)", device="cpu", batch_size=options.batch_size, img_size=options.img_size,
-                workers=options.workers, steps=options.steps, images_per_s=options.steps * options.batch_size / seconds,
+    return dict(script="lightly BYOL (peer)", device="cpu", batch_size=options.batch_size,
+                img_size=options.img_size,
+                workers=options.workers, steps=options.steps,
+                images_per_s=options.steps * options.batch_size / seconds,
                 step_ms=1000 * seconds / options.steps)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--scripts", default=",".join(SCRIPTS), help="comma-separated, from: " + ", ".join(SCRIPTS))
+    parser.add_argument("--scripts", default=",".join(SCRIPTS),
+                        help="comma-separated, from: " + ", ".join(SCRIPTS))
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 128 elsewhere")
     parser.add_argument("--img-size", type=int, default=32, help="image size")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on CUDA, 5 elsewhere)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 10 on CUDA, else 2)")
-    parser.add_argument("--eval-train", type=int, default=0, help="kNN memory bank (default: 50000 on CUDA, 2000)")
-    parser.add_argument("--eval-test", type=int, default=0, help="kNN test images (default: 10000 on CUDA, 500)")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds of --steps steps; the best one counts")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps (default: 50 on CUDA, 5 elsewhere)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default: 10 on CUDA, else 2)")
+    parser.add_argument("--eval-train", type=int, default=0,
+                        help="kNN memory bank (default: 50000 on CUDA, 2000)")
+    parser.add_argument("--eval-test", type=int, default=0,
+                        help="kNN test images (default: 10000 on CUDA, 500)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="timed rounds of --steps steps; the best one counts")
     parser.add_argument("--compile", action="store_true", help="the scripts' --compile path")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the lightly peer")
     parser.add_argument("--no-peer", action="store_true", help="skip the lightly peer on a CPU")
@@ -193,11 +210,13 @@ def main(argv=None):
             if ours:
                 peer["ours_over_peer"] = ours["images_per_s"] / peer["images_per_s"]
             rows.append(peer)
-    print(f"{'script':>20} | {'img/s':>8} | {'ms/step':>8} | {'syncs/step':>10} | {'peak GB':>7} | {'eval s':>7}")
+    print(f"{'script':>20} | {'img/s':>8} | {'ms/step':>8} | {'syncs/step':>10} | {'peak GB':>7} | "
+          f"{'eval s':>7}")
     for row in rows:
         syncs, peak = row.get("syncs_per_step"), row.get("peak_memory_gb")
         print(f"{row['script']:>20} | {row['images_per_s']:8.1f} | {row['step_ms']:8.1f} | "
-              f"{'-' if syncs is None else f'{syncs:.2f}':>10} | {'-' if peak is None else f'{peak:.2f}':>7} | "
+              f"{'-' if syncs is None else f'{syncs:.2f}':>10} | "
+              f"{'-' if peak is None else f'{peak:.2f}':>7} | "
               f"{row['evaluation_s'] if 'evaluation_s' in row else float('nan'):7.2f}")
     if any("ours_over_peer" in row for row in rows):
         print(f"byol.py / lightly peer: {rows[-1]['ours_over_peer']:.2f}x images per second")
