@@ -47,7 +47,7 @@ def main(argv=None):
     if args.data_dir:
         files = sorted(Path(args.data_dir, "test").rglob("*.jpg"))
         chosen = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:args.batch_size]
-        images = torch.stack([byol.decode(files[i], args.img_size) for i in chosen.tolist()])
+        images = torch.stack([byol.decode((files[i], 0), args.img_size) for i in chosen.tolist()])
     else:
         images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8)
     on_device = images.to(device)
