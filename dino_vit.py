@@ -30,7 +30,6 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,11 +72,10 @@ RECIPE = dict(
     clip_grad=3.0,                  # official code: each parameter's gradient norm clipped at 3
     freeze_last_layer_epochs=1,     # official code: the prototypes stay fixed in the first epoch
 )
-# Multi-crop (Sec. 3.1 and official code): 2 global crops of 40-100% of the image at full size and local
-# crops of 5-40% at half the size, all with BYOL's flip, colour jitter and grayscale. The global pair keeps
-# DINO's asymmetry: blur with probability 1 and 0.1, solarization 0 and 0.2; local crops are blurred with
-# probability 0.5. Sigma is 0.1-2 px of a 224-px image, scaled to the image size: nearly no blur at 32 px,
-# as the CIFAR recipes of lightly and solo-learn have it.
+# Multi-crop (Sec. 3.1 and official code): 2 global crops of 40-100% of the image at full size, local crops of
+# 5-40% at half the size, all with BYOL's flip, colour jitter and grayscale. The global pair keeps DINO's
+# asymmetry (blur 1 and 0.1, solarization 0 and 0.2); local crops blur with probability 0.5. Sigma 0.1-2 px
+# of a 224-px image, scaled: nearly no blur at 32 px, as the CIFAR recipes of lightly and solo-learn have it.
 VIEW = dict(crop_scale=(0.4, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
             hue=0.1, grayscale=0.2, solarize=0.0, blur=1.0, blur_sigma=(0.1, 2.0))
 VIEWS = (VIEW, {**VIEW, "blur": 0.1, "solarize": 0.2})
@@ -88,7 +86,6 @@ class ViT(nn.Module):
     """A pre-norm Vision Transformer (Dosovitskiy et al. 2021) whose output is the final [CLS] token. The
     position embeddings are learned for img_size and resized for other crop sizes (the local crops);
     drop_path, the stochastic-depth rate of the last block, rises linearly from 0 at the first."""
-
     def __init__(self, img_size=32, patch_size=4, dim=256, depth=6, heads=4, mlp_dim=1024, drop_path=0.0):
         super().__init__()
         self.heads = heads
@@ -143,7 +140,6 @@ class DINOHead(nn.Module):
     """Three linear layers with GELU to a bottleneck (Sec. 3.1), l2-normalisation, then a weight-normalised
     linear layer to K prototype scores. The weight norm's magnitude is held at 1 (the official default): every
     score is a cosine in [-1, 1], and the temperatures alone set how peaked a softmax is."""
-
     def __init__(self, in_dim, hidden_dim, bottleneck_dim, out_dim):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
@@ -178,11 +174,10 @@ class DINO(nn.Module):
         features = self.backbone(global_views)
         if local_views is not None:
             features = torch.cat([features, self.backbone(local_views)])
-        student_logits, _ = self.head(features)
+        student_logits = self.head(features)[0].unflatten(0, (-1, batch))
         with torch.no_grad():  # only the global crops pass through the teacher (Sec. 3.1)
             teacher_logits, teacher_bottleneck = self.teacher_head(self.teacher_backbone(global_views))
-        student_logits, teacher_logits = student_logits.unflatten(0, (-1, batch)), teacher_logits.unflatten(
-            0, (2, batch))
+        teacher_logits = teacher_logits.unflatten(0, (2, batch))
         loss, entropy, center_kl = dino_loss(student_logits, teacher_logits, self.center, teacher_temp,
                                              self.student_temp)
         if self.centering:  # Eq. 4: c <- m c + (1 - m) batch mean (under torchrun, of the global batch)
@@ -227,13 +222,11 @@ def build_model(args):
                 not args.no_centering, args.student_temp, args.center_momentum)
 
 def networks(model):
-    """The teacher, which outperforms the student (Sec. 5.2): its backbone and head MLP, which the kNN
-    monitor, linear_eval.py and spectrum.py evaluate."""
+    """The teacher's backbone and head MLP (it outperforms the student, Sec. 5.2), for kNN and the tools."""
     return model.teacher_backbone, model.teacher_head.mlp
 
 def make_optimizer(model, args):
-    """AdamW; the scheduled weight decay (group 0) on weights only, not on biases and norms (official code);
-    beta2 0.999, PyTorch's default, as the official code keeps it."""
+    """AdamW, beta2 0.999 (official); the scheduled weight decay (group 0) on weights, not biases, norms."""
     trainable = [param for param in model.parameters() if param.requires_grad]
     groups = [dict(params=[param for param in trainable if param.ndim > 1]),
               dict(params=[param for param in trainable if param.ndim <= 1], weight_decay=0.0)]
@@ -241,10 +234,8 @@ def make_optimizer(model, args):
                              weight_decay=args.weight_decay, fused=True)
 
 def schedules(step, steps_per_epoch, args):
-    """At `step` (Sec. 3.2 and official code): the learning rate (a linear warm-up, then a half cosine to 0),
-    the weight decay (a cosine up to weight_decay_end), the teacher temperature (a linear warm-up, then
-    constant; the student's without sharpening), the teacher's EMA momentum (a cosine to 1), and whether the
-    prototypes are still frozen."""
+    """At `step` (Sec. 3.2, official code): lr (warm-up, cosine to 0), weight decay (cosine up), the teacher
+    temperature (warm-up; the student's without sharpening), EMA momentum (cosine to 1), frozen prototypes."""
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     warmed = min(1, step / max(1, args.teacher_temp_warmup_epochs * steps_per_epoch))
     teacher_temp = args.teacher_temp_start + (args.teacher_temp - args.teacher_temp_start) * warmed
@@ -256,8 +247,7 @@ def schedules(step, steps_per_epoch, args):
 
 def train_step(model, forward, optimizer, images, hyper, args, ctx):
     """One step of DINO (Algorithm 1): the global and local crops, the loss, an AdamW step of the student with
-    each gradient clipped and the prototypes frozen early on, the EMA of the teacher. `forward` is the model,
-    through DistributedDataParallel under torchrun. Returns device tensors."""
+    each gradient clipped and the prototypes frozen early on, the EMA of the teacher."""
     for group in optimizer.param_groups:
         group["lr"] = hyper["lr"]
     optimizer.param_groups[0]["weight_decay"] = hyper["weight_decay"]
@@ -278,15 +268,14 @@ def train_step(model, forward, optimizer, images, hyper, args, ctx):
         model.head.last_layer.parametrizations.weight.original1.grad = None
     optimizer.step()
     model.update_teacher(hyper["ema"])
-    loss, entropy, center_kl = loss.detach(), entropy.detach(), center_kl.detach()
-    return dict(loss=loss, collapse=collapse_metric(bottleneck.detach()), teacher_entropy=entropy,
-                kl_teacher_center=center_kl, kl_teacher_student=loss - entropy)
+    return dict(loss=loss.detach(), collapse=collapse_metric(bottleneck), teacher_entropy=entropy,
+                kl_teacher_center=center_kl, kl_teacher_student=loss.detach() - entropy)
 
 def evaluate(model, data, ctx):
     """The kNN monitor of the teacher, and attention.png: its attention maps of 8 test images, a row per head.
     Each head learns to attend to objects, with no labels (Sec. 4.2.1, Fig. 1 and 3)."""
     images = data["test_x"][::max(1, len(data["test_x"]) // 8)][:8]  # spread: several classes
-    maps = embed(partial(model.teacher_backbone, attention_maps=True), images, ctx)
+    maps = embed(lambda x: model.teacher_backbone(x, attention_maps=True), images, ctx)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest").cpu().numpy()  # a patch's pixels
     fig = Figure(figsize=(len(images), 1 + maps.shape[1]))
     axes = fig.subplots(1 + maps.shape[1], len(images), squeeze=False)
@@ -400,8 +389,7 @@ def main(argv=None):
         dist.destroy_process_group()
     return history
 
-# ===== Shared plumbing: the same in every training script (tests/test_shared.py checks it) ========
-# Skippable on a first read: command line, devices, data, augmentation, the kNN monitor, run files.
+# ===== Shared plumbing, skippable on a first read: the same in every training script (test_shared.py) ====
 SCRIPT = Path(__file__).stem
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
 LARGE_IMAGE_SIZE = 96  # from here on (STL-10, ImageNet-like folders): the ImageNet stem, the papers' blur
@@ -486,11 +474,9 @@ def setup(args):
     transform = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
     bfloat16 = (args.dtype or ("bfloat16" if cuda else "float32")) == "bfloat16"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
-    return argparse.Namespace(device=device, autocast=autocast, transform=transform,
-                              mean=torch.tensor(MEAN, device=device).view(3, 1, 1),
-                              std=torch.tensor(STD, device=device).view(3, 1, 1))
+    mean, std = (torch.tensor(values, device=device).view(3, 1, 1) for values in (MEAN, STD))
+    return argparse.Namespace(device=device, autocast=autocast, transform=transform, mean=mean, std=std)
 
-# --- data: every split decoded once into uint8 (N, 3, S, S) on the device -------------------------
 def load_data(args, device):
     """The training images (cut to --subset), the labelled ones among them (the kNN monitor's memory
     bank: all but the unlabelled ones, label -1), the test images, and what a resumed run checks."""
@@ -521,8 +507,7 @@ def load_data(args, device):
         else:  # synthetic, for checks without a download: 10 classes, each a colour, its images with noise
             seed, labels = torch.Generator().manual_seed(args.seed), torch.arange(2500) % 10
             noise = torch.randn(2500, 3, args.img_size, args.img_size, generator=seed)
-            colours = torch.rand(10, 3, 1, 1, generator=seed)[labels]
-            images = (colours + 0.25 * noise).clamp(0, 1).mul(255).byte()
+            images = (torch.rand(10, 3, 1, 1, generator=seed)[labels] + noise / 4).clamp(0, 1).mul(255).byte()
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
@@ -548,7 +533,6 @@ def decode(sample, size):
     image = torchvision.datasets.folder.default_loader(sample[0])
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, size), size))
 
-# --- augmentation: batched on the device, every random parameter drawn per image -------------------
 def augment(images, view, ctx, size=None, copies=1):
     """`copies` views of every uint8 image, normalised, stacked copy by copy. Each image draws its own
     parameters as torchvision draws them: RandomResizedCrop's box (the first of 10 tries of an area in
@@ -580,11 +564,11 @@ def apply_view(images, p, size, mean, std):
     """A view's pixel work, given its parameters. The crop is roi_align's: torchvision's resized_crop, but
     for an average where it shrinks and for the edge pixels, which blend in the pixels next to the box."""
     boxes = torch.cat([torch.arange(len(images), device=images.device)[:, None].to(p["box"]), p["box"]], 1)
-    x = torchvision.ops.roi_align(images.float() / 255, boxes, size, sampling_ratio=0, aligned=True)
+    x = torchvision.ops.roi_align(images.float().div_(255), boxes, size, sampling_ratio=0, aligned=True)
     x = torch.where(p["flip"], x.flip(-1), x)
     x = torch.where(p["jitter"], color_jitter(x, p["factors"], p["hue"], p["order"]), x)
     x = torch.where(p["grayscale"], TF.rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(p["solarize"], TF.solarize(x, 0.5), x)
+    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # torchvision's solarize at 128 / 255
     if "blur" in p:  # a kernel of 10% of the image (23 taps at 224 px), as SimCLR's and BYOL's
         x = torch.where(p["blur"], gaussian_blur(x, p["sigma"], max(3, 2 * round(0.05 * size - 0.5) + 1)), x)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
@@ -595,28 +579,28 @@ def color_jitter(images, factors, hue, order):
     or after it as the image's order says. A hue rotation keeps each pixel's largest and smallest channel:
     RGB = low + (high - low) * ramp(hue), the ramp being the saturated colour of the hue, in sextants."""
     hue_at = (order == 3).int().argmax(1)
+    images = images.clone()  # then blended in place: fewer fresh buffers, much faster on a CPU
     for positions, before_hue in ((range(3), True), (range(1, 4), False)):
         for position in positions:
             op = order[:, position, None, None, None]
             due = (position < hue_at) if before_hue else (position > hue_at)
             factor = torch.where(due, factors.gather(1, op.view(-1, 1).clamp(max=2))[:, 0], 1.0)
             gray = TF.rgb_to_grayscale(images)
-            reference = torch.where(op == 1, gray.mean((1, 2, 3), True), torch.where(op == 2, gray, 0.0))
-            images = torch.lerp(reference, images, factor[:, None, None, None]).clamp(0, 1)
+            reference = torch.addcmul((op == 1) * gray.mean((1, 2, 3), True), gray, op == 2)
+            images = images.lerp_(reference, 1 - factor[:, None, None, None]).clamp_(0, 1)
         if before_hue:
             (r, g, b), high, low = images.unbind(1), images.amax(1), images.amin(1)
             spread = high - low
             sextant = torch.where(high == g, b - r + 2 * spread, r - g + 4 * spread)
             sextant = torch.where(high == r, g - b, sextant) / spread.clamp(1e-12) + 6 * hue[:, None, None]
             peaks = torch.arange(0, 6, 2, device=images.device)[:, None, None]
-            distance = (sextant[:, None] % 6 - peaks).abs()
-            ramp = (2 - torch.minimum(distance, 6 - distance)).clamp(0, 1)  # red, green, blue peak at 0, 2, 4
-            images = low[:, None] + spread[:, None] * ramp
+            distance = (sextant[:, None] - peaks + 3) % 6 - 3  # red, green, blue peak at 0, 2, 4, on a circle
+            ramp = (2 - distance.abs_()).clamp_(0, 1)
+            images = torch.addcmul(low[:, None], spread[:, None], ramp)
     return images
 
 def gaussian_blur(images, sigma, kernel_size):
-    """torchvision's gaussian_blur (reflect padding) with each image's own sigma: every channel of every
-    image one group of a separable convolution, along the rows, then the columns."""
+    """torchvision's gaussian_blur (reflect padding), each image its own sigma: a separable grouped conv2d."""
     n, channels = images.shape[:2]
     taps = torch.arange(kernel_size, device=images.device) - kernel_size // 2
     kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(channels, dim=0)
@@ -624,7 +608,6 @@ def gaussian_blur(images, sigma, kernel_size):
     x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
     return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=n * channels).view_as(images)
 
-# --- schedules, collapse metrics and the kNN monitor ----------------------------------------------
 def cosine(step, total_steps, start, end, warmup_steps=0):
     """A linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
     if step < warmup_steps:
@@ -657,8 +640,7 @@ def embed(network, images, ctx):
 
 @torch.no_grad()
 def knn_top1(bank, bank_labels, features, labels, k=200, temperature=0.1):
-    """Weighted kNN (Wu et al. 2018): the k most cosine-similar bank images vote for their class with weight
-    exp(similarity / temperature). The top-1 accuracy over `features`."""
+    """Weighted kNN top-1 (Wu et al. 2018): the k nearest bank images (cosine) vote exp(similarity / t)."""
     bank, features = F.normalize(bank, dim=1), F.normalize(features, dim=1)
     correct = 0
     for chunk, chunk_labels in zip(features.split(1024), labels.split(1024)):
@@ -679,10 +661,9 @@ def monitor(backbone, projector, data, ctx):
         metrics["knn_top1"] = knn_top1(bank, data["labelled_y"], test, data["test_y"])
     return metrics
 
-# --- run files: the checkpoint, metrics.jsonl and the figure ----------------------------------------
 def save_run(out_dir, model, optimizer, args, data, step, history):
-    """The checkpoint (plain types: torch.load(weights_only=True) reads it), metrics.jsonl and the figure,
-    each written to a temporary file and renamed, so that a run killed while it writes keeps the last ones."""
+    """The checkpoint (plain types, for weights_only=True), metrics.jsonl and the figure, each written to a
+    temporary file and renamed, so that a run killed while it writes keeps the last ones."""
     if not all(tensor.isfinite().all() for tensor in model.state_dict().values()):
         fail(f"the weights hold NaN or inf at step {step}; {out_dir}/checkpoint.pt is the last good one")
     checkpoint = dict(script=SCRIPT, step=step, args=vars(args), data=data["info"], history=history,
@@ -694,13 +675,11 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     if history:  # a panel per logged measure; a list (a spectrum) is a line per entry, a missing value a gap
         keys = dict.fromkeys(key for row in history for key in row if type(row[key]) in (float, list))
         fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)))
-        axes = fig.subplots(math.ceil(len(keys) / 4), 4, squeeze=False).flatten()
-        for ax, key in zip(axes, keys):
+        for index, key in enumerate(keys):  # four panels a row
+            ax = fig.add_subplot(math.ceil(len(keys) / 4), 4, index + 1)
             ax.plot([row["epoch"] for row in history], [row.get(key, math.nan) for row in history], ".-")
             ax.set(title=key, xlabel="epoch", yscale="log" if key.endswith("eigenvalues") else "linear")
             ax.grid(alpha=0.3)
-        for ax in axes[len(keys):]:
-            ax.axis("off")
         fig.tight_layout()
         fig.savefig(out_dir / "figure.tmp", format="png", dpi=100)
         os.replace(out_dir / "figure.tmp", out_dir / f"{SCRIPT}.png")

@@ -3,11 +3,10 @@
 Self-supervision", 2021, arXiv:2110.04947).
 
 Idea: DirectPred (Tian et al. 2021) made cheaper. BYOL with a single linear predictor W_p that gets no
-gradient: a running average F-hat of the correlation E[z z^T] of the online projections is kept and copied
-into the predictor, W_p = F-hat / |F-hat|_2 + eps I. W_p has F-hat's eigenvectors with eigenvalues
-s_j / max s + eps, where DirectPred takes the square root of s_j / max s. `--predictor sgd` trains the same
-linear map instead (the baseline). The log follows the eigenvalues of F-hat and W_p, their alignment, the
-asymmetry of W_p, and the `collapse` column (about 1 healthy, 0 collapsed).
+gradient: a running average F-hat of the correlation E[z z^T] of the online projections is copied into it,
+W_p = F-hat / |F-hat|_2 + eps I, with F-hat's eigenvectors and eigenvalues s_j / max s + eps (DirectPred: the
+square root of s_j / max s). `--predictor sgd` trains the same linear map (the baseline). The log follows
+the eigenvalues of F-hat and W_p, their alignment, W_p's asymmetry and the `collapse` column.
 
 Usage:
     python directcopy.py --epochs 100                                  # CIFAR-10, downloaded to ./data
@@ -55,10 +54,9 @@ RECIPE = dict(
     rho=0.5,             # Eq. 19 of Tian et al.: F-hat's averaging; rho and eps are DirectCopy's setting
     eps=0.3,
 )
-# Augmentation: luckmatters' CIFAR-10 transforms: RandomResizedCrop at scale 0.08-1, flip, colour jitter
-# (0.4, 0.4, 0.4, 0.1) with probability 0.8, grayscale 0.2, no blur ("cifar10 images are small"); both views
-# drawn alike. From 96 px on, luckmatters' STL-10 blur of every image, a kernel of 10% of the image, sigma
-# 0.1-2 px of a 224-px image scaled to the image size (luckmatters draws 0.1-2 px at 96 px, a stronger blur).
+# Augmentation: luckmatters' CIFAR-10 transforms (no blur: "cifar10 images are small"), both views alike.
+# From 96 px on, luckmatters' STL-10 blur of every image, sigma 0.1-2 px of a 224-px image scaled to the image
+# size (luckmatters draws 0.1-2 px at 96 px, a stronger blur).
 VIEW = dict(crop_scale=(0.08, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4,
             hue=0.1, grayscale=0.2, solarize=0.0, blur=0.0, blur_sigma=(0.1, 2.0))
 VIEWS = (VIEW, VIEW)
@@ -66,8 +64,7 @@ LARGE_VIEWS = ({**VIEW, "blur": 1.0}, {**VIEW, "blur": 1.0})
 
 # ===== The method: model, loss, optimiser, schedules and one training step ========================
 def resnet18(img_size):
-    """torchvision's ResNet-18 without its classifier (512-d features). Below 96 px, the CIFAR stem: a 3x3
-    stride-1 convolution and no max-pool, so that a 32-px image keeps its resolution."""
+    """ResNet-18 without classifier (512-d); below 96 px, the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
     net = torchvision.models.resnet18()
     if img_size < LARGE_IMAGE_SIZE:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -84,8 +81,7 @@ def top_eigenpair(F_hat, vector, squarings=8, iterations=20):
         power = power @ power
         power = power / power.trace().clamp_min(1e-300)
     for _ in range(iterations):
-        vector = power @ vector
-        vector = vector / vector.norm().clamp_min(1e-300)
+        vector = F.normalize(power @ vector, dim=0, eps=1e-300)
     return vector @ F_hat @ vector, vector
 
 def direct_predictor(F_hat, eps, vector):
@@ -103,17 +99,14 @@ class BYOL(nn.Module):
         # BYOL's projector (Sec. 3.3), its batch norm without affine parameters as luckmatters'
         self.projector = nn.Sequential(nn.Linear(512, proj_hidden), nn.BatchNorm1d(proj_hidden, affine=False),
                                        nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim))
-        # One linear map without bias; set in closed form (--predictor direct), it takes no gradient.
         self.predictor = nn.Linear(proj_dim, proj_dim, bias=False).requires_grad_(predictor == "sgd")
         self.symmetric = symmetric
-        # F-hat, the running E[z z^T], a statistic of the data like batch norm's running mean, saved with the
-        # weights; in float64, so that round-off leaves no negative eigenvalue of note. With it, the top
-        # eigenvector, the warm start of direct_predictor.
+        # F-hat, the running E[z z^T], saved with the weights like batch norm's running mean; in float64,
+        # so that round-off leaves no negative eigenvalue of note; top_eigenvector: the solver's warm start.
         self.register_buffer("F_hat", torch.zeros(proj_dim, proj_dim, dtype=torch.float64))
         self.register_buffer("top_eigenvector", torch.full([proj_dim], proj_dim ** -0.5, dtype=torch.float64))
         # The target starts as a copy of the online network; only the EMA moves it (BYOL Sec. 3.1, Eq. 1).
-        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.target = copy.deepcopy(nn.Sequential(self.backbone, self.projector)).requires_grad_(False)
 
     def predictor_matrix(self):
         """W_p as applied: with --symmetric, the symmetric part of the weight (Tian et al.'s analysis)."""
@@ -125,8 +118,7 @@ class BYOL(nn.Module):
         z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
         p1, p2 = F.linear(z1, self.predictor_matrix()), F.linear(z2, self.predictor_matrix())
         with torch.no_grad():  # the target runs in train mode too: its batch norm uses batch statistics
-            t1 = self.target_projector(self.target_backbone(view1))
-            t2 = self.target_projector(self.target_backbone(view2))
+            t1, t2 = self.target(view1), self.target(view2)
         return regression_loss(p1, t2) + regression_loss(p2, t1), z1, z2
 
     @torch.no_grad()
@@ -148,8 +140,7 @@ class BYOL(nn.Module):
     def update_target(self, momentum):
         """target <- momentum * target + (1 - momentum) * online, every tensor in one fused call."""
         online = [*self.backbone.parameters(), *self.projector.parameters()]
-        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        torch._foreach_lerp_(target, online, 1 - momentum)
+        torch._foreach_lerp_(list(self.target.parameters()), online, 1 - momentum)
 
 def regression_loss(prediction, target):
     """BYOL Eq. 2: the squared distance of the l2-normalised vectors, 2 - 2 cos(p, z), batch mean."""
@@ -179,8 +170,7 @@ def schedules(step, steps_per_epoch, args):
 
 def train_step(model, forward, optimizer, images, hyper, args, ctx):
     """One step: two views, the loss, SGD on the online network, the EMA of the target; then F-hat's running
-    average and, every --pred-freq steps, W_p copied from it (Wang et al.). `forward` is the model,
-    through DistributedDataParallel under torchrun. Returns device tensors."""
+    average and, every --pred-freq steps, W_p copied from it (Wang et al.)."""
     for group in optimizer.param_groups:
         group["lr"] = hyper["lr"]
     views = VIEWS if args.img_size < LARGE_IMAGE_SIZE else LARGE_VIEWS
@@ -196,10 +186,9 @@ def train_step(model, forward, optimizer, images, hyper, args, ctx):
 
 @torch.no_grad()
 def predictor_statistics(F_hat, predictor):
-    """What Tian et al. follow to show eigenspace alignment: the eigenvalues s_j of F-hat (descending) with
-    eigenvectors u_j, the alignment u_j^T W_p u_j / |W_p u_j| (1 when u_j is an eigenvector of W_p with a
-    positive eigenvalue) and its mean, the eigenvalues of W_p (real parts) and its asymmetry
-    |W - W^T|_F / |W + W^T|_F (0 for a symmetric W_p)."""
+    """What Tian et al. follow to show eigenspace alignment: F-hat's eigenvalues s_j (descending) and
+    eigenvectors u_j; alignment u_j^T W_p u_j / |W_p u_j| (1 if u_j is an eigenvector of W_p, eigenvalue > 0)
+    and its mean; W_p's eigenvalues (real parts) and asymmetry |W - W^T|_F / |W + W^T|_F (0 if symmetric)."""
     s, U = torch.linalg.eigh(F_hat.double())
     s, U, W = s.flip(0), U.flip(1), predictor.double()
     alignment = (U * (W @ U)).sum(dim=0) / (W @ U).norm(dim=0).clamp(min=1e-12)
@@ -299,8 +288,7 @@ def main(argv=None):
         dist.destroy_process_group()
     return history
 
-# ===== Shared plumbing: the same in every training script (tests/test_shared.py checks it) ========
-# Skippable on a first read: command line, devices, data, augmentation, the kNN monitor, run files.
+# ===== Shared plumbing, skippable on a first read: the same in every training script (test_shared.py) ====
 SCRIPT = Path(__file__).stem
 RANK, WORLD_SIZE = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
 LARGE_IMAGE_SIZE = 96  # from here on (STL-10, ImageNet-like folders): the ImageNet stem, the papers' blur
@@ -385,11 +373,9 @@ def setup(args):
     transform = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
     bfloat16 = (args.dtype or ("bfloat16" if cuda else "float32")) == "bfloat16"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bfloat16)
-    return argparse.Namespace(device=device, autocast=autocast, transform=transform,
-                              mean=torch.tensor(MEAN, device=device).view(3, 1, 1),
-                              std=torch.tensor(STD, device=device).view(3, 1, 1))
+    mean, std = (torch.tensor(values, device=device).view(3, 1, 1) for values in (MEAN, STD))
+    return argparse.Namespace(device=device, autocast=autocast, transform=transform, mean=mean, std=std)
 
-# --- data: every split decoded once into uint8 (N, 3, S, S) on the device -------------------------
 def load_data(args, device):
     """The training images (cut to --subset), the labelled ones among them (the kNN monitor's memory
     bank: all but the unlabelled ones, label -1), the test images, and what a resumed run checks."""
@@ -420,8 +406,7 @@ def load_data(args, device):
         else:  # synthetic, for checks without a download: 10 classes, each a colour, its images with noise
             seed, labels = torch.Generator().manual_seed(args.seed), torch.arange(2500) % 10
             noise = torch.randn(2500, 3, args.img_size, args.img_size, generator=seed)
-            colours = torch.rand(10, 3, 1, 1, generator=seed)[labels]
-            images = (colours + 0.25 * noise).clamp(0, 1).mul(255).byte()
+            images = (torch.rand(10, 3, 1, 1, generator=seed)[labels] + noise / 4).clamp(0, 1).mul(255).byte()
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
@@ -447,7 +432,6 @@ def decode(sample, size):
     image = torchvision.datasets.folder.default_loader(sample[0])
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, size), size))
 
-# --- augmentation: batched on the device, every random parameter drawn per image -------------------
 def augment(images, view, ctx, size=None, copies=1):
     """`copies` views of every uint8 image, normalised, stacked copy by copy. Each image draws its own
     parameters as torchvision draws them: RandomResizedCrop's box (the first of 10 tries of an area in
@@ -479,11 +463,11 @@ def apply_view(images, p, size, mean, std):
     """A view's pixel work, given its parameters. The crop is roi_align's: torchvision's resized_crop, but
     for an average where it shrinks and for the edge pixels, which blend in the pixels next to the box."""
     boxes = torch.cat([torch.arange(len(images), device=images.device)[:, None].to(p["box"]), p["box"]], 1)
-    x = torchvision.ops.roi_align(images.float() / 255, boxes, size, sampling_ratio=0, aligned=True)
+    x = torchvision.ops.roi_align(images.float().div_(255), boxes, size, sampling_ratio=0, aligned=True)
     x = torch.where(p["flip"], x.flip(-1), x)
     x = torch.where(p["jitter"], color_jitter(x, p["factors"], p["hue"], p["order"]), x)
     x = torch.where(p["grayscale"], TF.rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(p["solarize"], TF.solarize(x, 0.5), x)
+    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # torchvision's solarize at 128 / 255
     if "blur" in p:  # a kernel of 10% of the image (23 taps at 224 px), as SimCLR's and BYOL's
         x = torch.where(p["blur"], gaussian_blur(x, p["sigma"], max(3, 2 * round(0.05 * size - 0.5) + 1)), x)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
@@ -494,28 +478,28 @@ def color_jitter(images, factors, hue, order):
     or after it as the image's order says. A hue rotation keeps each pixel's largest and smallest channel:
     RGB = low + (high - low) * ramp(hue), the ramp being the saturated colour of the hue, in sextants."""
     hue_at = (order == 3).int().argmax(1)
+    images = images.clone()  # then blended in place: fewer fresh buffers, much faster on a CPU
     for positions, before_hue in ((range(3), True), (range(1, 4), False)):
         for position in positions:
             op = order[:, position, None, None, None]
             due = (position < hue_at) if before_hue else (position > hue_at)
             factor = torch.where(due, factors.gather(1, op.view(-1, 1).clamp(max=2))[:, 0], 1.0)
             gray = TF.rgb_to_grayscale(images)
-            reference = torch.where(op == 1, gray.mean((1, 2, 3), True), torch.where(op == 2, gray, 0.0))
-            images = torch.lerp(reference, images, factor[:, None, None, None]).clamp(0, 1)
+            reference = torch.addcmul((op == 1) * gray.mean((1, 2, 3), True), gray, op == 2)
+            images = images.lerp_(reference, 1 - factor[:, None, None, None]).clamp_(0, 1)
         if before_hue:
             (r, g, b), high, low = images.unbind(1), images.amax(1), images.amin(1)
             spread = high - low
             sextant = torch.where(high == g, b - r + 2 * spread, r - g + 4 * spread)
             sextant = torch.where(high == r, g - b, sextant) / spread.clamp(1e-12) + 6 * hue[:, None, None]
             peaks = torch.arange(0, 6, 2, device=images.device)[:, None, None]
-            distance = (sextant[:, None] % 6 - peaks).abs()
-            ramp = (2 - torch.minimum(distance, 6 - distance)).clamp(0, 1)  # red, green, blue peak at 0, 2, 4
-            images = low[:, None] + spread[:, None] * ramp
+            distance = (sextant[:, None] - peaks + 3) % 6 - 3  # red, green, blue peak at 0, 2, 4, on a circle
+            ramp = (2 - distance.abs_()).clamp_(0, 1)
+            images = torch.addcmul(low[:, None], spread[:, None], ramp)
     return images
 
 def gaussian_blur(images, sigma, kernel_size):
-    """torchvision's gaussian_blur (reflect padding) with each image's own sigma: every channel of every
-    image one group of a separable convolution, along the rows, then the columns."""
+    """torchvision's gaussian_blur (reflect padding), each image its own sigma: a separable grouped conv2d."""
     n, channels = images.shape[:2]
     taps = torch.arange(kernel_size, device=images.device) - kernel_size // 2
     kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(channels, dim=0)
@@ -523,7 +507,6 @@ def gaussian_blur(images, sigma, kernel_size):
     x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
     return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=n * channels).view_as(images)
 
-# --- schedules, collapse metrics and the kNN monitor ----------------------------------------------
 def cosine(step, total_steps, start, end, warmup_steps=0):
     """A linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
     if step < warmup_steps:
@@ -556,8 +539,7 @@ def embed(network, images, ctx):
 
 @torch.no_grad()
 def knn_top1(bank, bank_labels, features, labels, k=200, temperature=0.1):
-    """Weighted kNN (Wu et al. 2018): the k most cosine-similar bank images vote for their class with weight
-    exp(similarity / temperature). The top-1 accuracy over `features`."""
+    """Weighted kNN top-1 (Wu et al. 2018): the k nearest bank images (cosine) vote exp(similarity / t)."""
     bank, features = F.normalize(bank, dim=1), F.normalize(features, dim=1)
     correct = 0
     for chunk, chunk_labels in zip(features.split(1024), labels.split(1024)):
@@ -578,10 +560,9 @@ def monitor(backbone, projector, data, ctx):
         metrics["knn_top1"] = knn_top1(bank, data["labelled_y"], test, data["test_y"])
     return metrics
 
-# --- run files: the checkpoint, metrics.jsonl and the figure ----------------------------------------
 def save_run(out_dir, model, optimizer, args, data, step, history):
-    """The checkpoint (plain types: torch.load(weights_only=True) reads it), metrics.jsonl and the figure,
-    each written to a temporary file and renamed, so that a run killed while it writes keeps the last ones."""
+    """The checkpoint (plain types, for weights_only=True), metrics.jsonl and the figure, each written to a
+    temporary file and renamed, so that a run killed while it writes keeps the last ones."""
     if not all(tensor.isfinite().all() for tensor in model.state_dict().values()):
         fail(f"the weights hold NaN or inf at step {step}; {out_dir}/checkpoint.pt is the last good one")
     checkpoint = dict(script=SCRIPT, step=step, args=vars(args), data=data["info"], history=history,
@@ -593,13 +574,11 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     if history:  # a panel per logged measure; a list (a spectrum) is a line per entry, a missing value a gap
         keys = dict.fromkeys(key for row in history for key in row if type(row[key]) in (float, list))
         fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)))
-        axes = fig.subplots(math.ceil(len(keys) / 4), 4, squeeze=False).flatten()
-        for ax, key in zip(axes, keys):
+        for index, key in enumerate(keys):  # four panels a row
+            ax = fig.add_subplot(math.ceil(len(keys) / 4), 4, index + 1)
             ax.plot([row["epoch"] for row in history], [row.get(key, math.nan) for row in history], ".-")
             ax.set(title=key, xlabel="epoch", yscale="log" if key.endswith("eigenvalues") else "linear")
             ax.grid(alpha=0.3)
-        for ax in axes[len(keys):]:
-            ax.axis("off")
         fig.tight_layout()
         fig.savefig(out_dir / "figure.tmp", format="png", dpi=100)
         os.replace(out_dir / "figure.tmp", out_dir / f"{SCRIPT}.png")

@@ -17,16 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import byol  # noqa: E402  (the benchmark measures byol.py's own functions)
 
 
-def images_per_second(fn, batch, repeats, rounds=5):
-    """Best of `rounds` timings of `repeats` calls: the least disturbed by other processes."""
-    fn()  # warm-up
-    best = float("inf")
+def images_per_second(pipelines, batch, repeats, rounds=20):
+    """Per pipeline, the best of `rounds` timings of its `repeats` calls, the pipelines taking turns within
+    each round: the least disturbed timing of each, and a busy machine slows both alike."""
+    best = [float("inf")] * len(pipelines)
+    for fn in pipelines:
+        fn()  # warm-up
     for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, time.perf_counter() - start)
-    return batch * repeats / best
+        for i, (fn, count) in enumerate(zip(pipelines, repeats)):
+            start = time.perf_counter()
+            for _ in range(count):
+                fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [batch * count / seconds for count, seconds in zip(repeats, best)]
 
 
 def main(argv=None):
@@ -72,8 +75,7 @@ def main(argv=None):
     def pil():
         torch.stack([per_image(image) for image in pil_images])
 
-    fast = images_per_second(batched, args.batch_size, args.repeats)
-    slow = images_per_second(pil, args.batch_size, max(2, args.repeats // 4))
+    fast, slow = images_per_second([batched, pil], args.batch_size, [args.repeats, max(2, args.repeats // 4)])
     print(f"batched on {device} ({torch.get_num_threads()} threads): {fast:,.0f} images/s")
     print(f"torchvision PIL, per image: {slow:,.0f} images/s")
     print(f"speed-up: {fast / slow:.1f}x")

@@ -8,10 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Tiny CPU settings for every training script: 16-px synthetic images, 64 of them, batches of 16 (4 steps an
-# epoch), and small heads, so that a run takes seconds.
+# epoch), and small heads, so that a run takes seconds; for a ResNet-18, 8-px images (twice as fast).
 TINY = ["--dataset", "synthetic", "--img-size", "16", "--subset", "64", "--batch-size", "16",
         "--device", "cpu", "--log-every", "2"]
-HEADS = ["--proj-hidden", "64", "--proj-dim", "32"]
+HEADS = ["--proj-hidden", "64", "--proj-dim", "32", "--img-size", "8"]
 SMALL = dict(byol=[*HEADS, "--pred-hidden", "64"], simsiam=[*HEADS, "--pred-hidden", "16"], directpred=HEADS,
              directcopy=HEADS, dino_vit=["--dim", "32", "--depth", "2", "--heads", "2", "--mlp-dim", "64",
                                          "--head-hidden", "64", "--bottleneck-dim", "16", "--out-dim", "64",

@@ -21,7 +21,7 @@ def demo(tmp_path, regimes, *flags):
 
 def test_without_stop_gradient_simsiam_collapses_and_the_figure_shows_it(tmp_path):
     summary, history = demo(tmp_path, "stop-grad,no-stop-grad", "--steps", "24", "--eval-every", "12",
-                            "--lr", "0.8")
+                            "--lr", "0.8", "--img-size", "8")
     healthy, collapsed = summary["stop-grad"], summary["no-stop-grad"]
     assert collapsed["collapse"] < 0.3 * healthy["collapse"] and collapsed["erank"] < 0.5 * healthy["erank"]
     assert 1 - collapsed["spectrum"][0] < 0.1 * (1 - healthy["spectrum"][0])  # one direction holds the energy

@@ -35,4 +35,4 @@ def test_a_nan_on_the_ranks_stops_both_with_one_message(tmp_path):
                     "--out-dir", "ranks")
     assert done.returncode != 0 and done.stderr.count("byol.py: error: loss is nan") == 1
     model = load(tmp_path / "ranks" / "checkpoint.pt")["model"]
-    assert torch.equal(model["projector.0.weight"], model["target_projector.0.weight"])  # step 0's
+    assert torch.equal(model["projector.0.weight"], model["target.1.0.weight"])  # step 0's

@@ -15,10 +15,10 @@ METHODS = ["simsiam.py", "dino_vit.py", "directpred.py", "directcopy.py"]
 TRAINING = ["byol.py", *METHODS, "collapse_demo.py"]
 TOOLS = ["linear_eval.py", "spectrum.py"]
 BANNER = "# ===== Shared plumbing"
-# Ceilings in lines (wc -l). The goals were byol 500, simsiam 540, directpred 560, directcopy 540,
-# dino_vit 650 and collapse_demo 600 (+15, DINO +40, for the features since); these are the sizes reached.
-BUDGETS = {"byol.py": 534, "simsiam.py": 561, "directpred.py": 613, "directcopy.py": 608, "dino_vit.py": 709,
-           "collapse_demo.py": 668, "linear_eval.py": 315, "spectrum.py": 335}
+# Ceilings in lines (wc -l): the minimal rewrite's budgets plus the features since (+15 a file, DINO +40).
+# directpred, directcopy and collapse_demo are held at the sizes reached (goals 575, 555 and 615).
+BUDGETS = {"byol.py": 515, "simsiam.py": 555, "directpred.py": 591, "directcopy.py": 587, "dino_vit.py": 690,
+           "collapse_demo.py": 631, "linear_eval.py": 315, "spectrum.py": 335}
 
 def definitions(source):
     """Top-level functions, classes and assignments of a source text, by name, as source text."""
