@@ -146,9 +146,7 @@ def regression_loss(prediction, target):
     """BYOL Eq. 2: the squared distance of the l2-normalised vectors, 2 - 2 cos(p, z), batch mean."""
     return 2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
-def build_model(args):
-    if args.symmetric and args.predictor != "sgd":
-        fail("--symmetric applies to --predictor sgd (a direct W_p is symmetric by construction)")
+def build_model(args):  # --symmetric changes nothing with --predictor direct: its W_p is symmetric
     return BYOL(args.img_size, args.proj_hidden, args.proj_dim, args.predictor, args.symmetric)
 
 def networks(model):

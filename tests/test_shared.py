@@ -17,7 +17,7 @@ TOOLS = ["linear_eval.py", "spectrum.py"]
 BANNER = "# ===== Shared plumbing"
 # Ceilings in lines (wc -l): the minimal rewrite's budgets plus the features since (+15 a file, DINO +40).
 # directpred, directcopy and collapse_demo are held at the sizes reached (goals 575, 555 and 615).
-BUDGETS = {"byol.py": 515, "simsiam.py": 555, "directpred.py": 591, "directcopy.py": 587, "dino_vit.py": 690,
+BUDGETS = {"byol.py": 515, "simsiam.py": 555, "directpred.py": 589, "directcopy.py": 585, "dino_vit.py": 690,
            "collapse_demo.py": 631, "linear_eval.py": 315, "spectrum.py": 335}
 
 def definitions(source):
