@@ -30,7 +30,7 @@ Usage:
     python collapse_demo.py --regimes stop-grad,no-stop-grad    # a selection
     python collapse_demo.py --dataset synthetic --steps 20 --device cpu   # a quick check, no download
 
-Result of `--dataset folder` on the CIFAR-10 JPEG copy (2-core CPU, 12 minutes): docs/results.md. Every regime
+Result of `--dataset folder` on the CIFAR-10 JPEG copy (2-core CPU, 11 minutes): docs/results.md. Every regime
 lands on the side the literature puts it, but symmetric-no-ema, which needs 2,000+ steps (see REPRODUCTION).
 """
 import argparse
