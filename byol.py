@@ -249,7 +249,7 @@ def shared_parser():
         help="synthetic: coloured noise, for checks")
     add("--data-dir", default="./data", help="download folder; for folder: DIR/{train,test}/<class>/<image>")
     add("--subset", type=bounded(int, 0), default=0, help="train on N random training images (0: all)")
-    add("--img-size", type=bounded(int, 8), help="resize the images once (default: the dataset's size)")
+    add("--img-size", type=bounded(int, 8), help="resize the images once (default: 96 for STL-10, else 32)")
     add("--epochs", type=bounded(int, 1), help="length of the schedules")
     add("--max-steps", type=bounded(int, 0), default=0, help="stop after this many steps (0: at the end)")
     add("--batch-size", type=bounded(int, 2), help="global batch, over all ranks")
@@ -501,13 +501,12 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     os.replace(out_dir / "metrics.tmp", out_dir / "metrics.jsonl")
     if history:  # a panel per logged measure; a list (a spectrum) is a line per entry, a missing value a gap
         keys = dict.fromkeys(key for row in history for key in row if type(row[key]) in (float, list))
-        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)))
+        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)), layout="tight")
         for index, key in enumerate(keys):  # four panels a row
             ax = fig.add_subplot(math.ceil(len(keys) / 4), 4, index + 1)
             ax.plot([row["epoch"] for row in history], [row.get(key, math.nan) for row in history], ".-")
             ax.set(title=key, xlabel="epoch", yscale="log" if key.endswith("eigenvalues") else "linear")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         fig.savefig(out_dir / "figure.tmp", format="png", dpi=100)
         os.replace(out_dir / "figure.tmp", out_dir / f"{SCRIPT}.png")
 

@@ -362,7 +362,7 @@ def train_regime(name, args, data, ctx):
 def plot_regimes(history, summary, path, chance):
     """A row per family, a line per regime: loss, collapse, erank, kNN against step; the final spectrum."""
     families = [family for family in ("vit", "siamese") if family in {s["family"] for s in summary.values()}]
-    fig = Figure(figsize=(22, 3.9 * len(families)))
+    fig = Figure(figsize=(22, 3.9 * len(families)), layout="tight")
     for axes, family in zip(fig.subplots(len(families), 5, squeeze=False), families):
         title = dict(vit="ViT student/teacher", siamese="SimSiam, ResNet-18")[family]
         names = [name for name in summary if summary[name]["family"] == family]
@@ -383,11 +383,10 @@ def plot_regimes(history, summary, path, chance):
         axes[4].set(title=f"{title}: final spectrum", xlabel="direction of the l2-normalised test embedding",
                     ylabel="share of the energy", ylim=(smallest / 2, 1))
         axes[0].legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--dataset", default="cifar10", choices=["cifar10", "cifar100", "stl10", "folder", "synthetic"],

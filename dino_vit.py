@@ -49,7 +49,6 @@ RECIPE = dict(
     # The loss is Eq. 3 averaged over the crop pairs, the official code's scale (AdamW's step does not grow
     # with the loss's scale, but for the decoupled weight decay).
     lr=5e-4,                        # Sec. 3.2 and official code: 0.0005 x batch/256
-    beta1=0.9,                      # AdamW's first-moment decay (official code: PyTorch's default)
     weight_decay=0.04,              # official code: a cosine from 0.04 to 0.4
     weight_decay_end=0.4,
     warmup_epochs=10,               # Sec. 3.2: 10 linear warm-up epochs, then a cosine to 0
@@ -116,11 +115,9 @@ class ViT(nn.Module):
         (B, heads, H / patch, W / patch): the maps of DINO Fig. 1 and 3."""
         patches = self.patch_embed(images)  # (B, dim, H / patch, W / patch)
         x = torch.cat([self.cls_token.expand(len(images), -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
-        grid = self.pos_embed[:, 1:]
-        if grid.shape[1] != x.shape[1] - 1:  # a crop of another size: the learned grid resized (bicubic)
-            side = math.isqrt(grid.shape[1])
-            grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=patches.shape[-2:], mode="bicubic").flatten(2).transpose(1, 2)
+        side = math.isqrt(self.pos_embed.shape[1] - 1)  # the learned grid, resized (bicubic) to the crop's
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=patches.shape[-2:], mode="bicubic").flatten(2).transpose(1, 2)
         x = x + torch.cat([self.pos_embed[:, :1], grid], dim=1)
         for block, rate in zip(self.blocks, self.drop_path_rates):
             if attention_maps and block is self.blocks[-1]:
@@ -181,10 +178,9 @@ class DINO(nn.Module):
         loss, entropy, center_kl = dino_loss(student_logits, teacher_logits, self.center, teacher_temp,
                                              self.student_temp)
         if self.centering:  # Eq. 4: c <- m c + (1 - m) batch mean (under torchrun, of the global batch)
-            mean = teacher_logits.mean(dim=(0, 1))
+            mean = teacher_logits.mean(dim=(0, 1)) / WORLD_SIZE  # summed over the ranks below
             if WORLD_SIZE > 1:
                 dist.all_reduce(mean)
-                mean /= WORLD_SIZE
             self.center.lerp_(mean, 1 - self.center_momentum)
         return loss, entropy, center_kl, teacher_bottleneck[:batch]
 
@@ -226,12 +222,12 @@ def networks(model):
     return model.teacher_backbone, model.teacher_head.mlp
 
 def make_optimizer(model, args):
-    """AdamW, beta2 0.999 (official); the scheduled weight decay (group 0) on weights, not biases, norms."""
+    """AdamW with PyTorch's betas (official); the scheduled weight decay (group 0) on weights only."""
     trainable = [param for param in model.parameters() if param.requires_grad]
     groups = [dict(params=[param for param in trainable if param.ndim > 1]),
               dict(params=[param for param in trainable if param.ndim <= 1], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr * args.batch_size / 256, betas=(args.beta1, 0.999),
-                             weight_decay=args.weight_decay, fused=True)
+    return torch.optim.AdamW(groups, lr=args.lr * args.batch_size / 256, weight_decay=args.weight_decay,
+                             fused=True)
 
 def schedules(step, steps_per_epoch, args):
     """At `step` (Sec. 3.2, official code): lr (warm-up, cosine to 0), weight decay (cosine up), the teacher
@@ -272,8 +268,7 @@ def train_step(model, forward, optimizer, images, hyper, args, ctx):
                 kl_teacher_center=center_kl, kl_teacher_student=loss.detach() - entropy)
 
 def evaluate(model, data, ctx):
-    """The kNN monitor of the teacher, and attention.png: its attention maps of 8 test images, a row per head.
-    Each head learns to attend to objects, with no labels (Sec. 4.2.1, Fig. 1 and 3)."""
+    """The teacher's kNN monitor, and attention.png: its maps of 8 test images (Sec. 4.2.1, Fig. 1 and 3)."""
     images = data["test_x"][::max(1, len(data["test_x"]) // 8)][:8]  # spread: several classes
     maps = embed(lambda x: model.teacher_backbone(x, attention_maps=True), images, ctx)
     maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest").cpu().numpy()  # a patch's pixels
@@ -292,7 +287,6 @@ def evaluate(model, data, ctx):
 def build_parser():
     parser = shared_parser()
     add = parser.add_argument
-    add("--beta1", type=bounded(float, 0, 1, below=True), help="AdamW's beta1, its first-moment decay")
     add("--weight-decay-end", type=bounded(float, 0), help="weight decay at the end, a cosine from the start")
     add("--patch-size", type=bounded(int, 1), help="ViT patch size")
     add("--dim", type=bounded(int, 1), help="ViT width")
@@ -422,7 +416,7 @@ def shared_parser():
         help="synthetic: coloured noise, for checks")
     add("--data-dir", default="./data", help="download folder; for folder: DIR/{train,test}/<class>/<image>")
     add("--subset", type=bounded(int, 0), default=0, help="train on N random training images (0: all)")
-    add("--img-size", type=bounded(int, 8), help="resize the images once (default: the dataset's size)")
+    add("--img-size", type=bounded(int, 8), help="resize the images once (default: 96 for STL-10, else 32)")
     add("--epochs", type=bounded(int, 1), help="length of the schedules")
     add("--max-steps", type=bounded(int, 0), default=0, help="stop after this many steps (0: at the end)")
     add("--batch-size", type=bounded(int, 2), help="global batch, over all ranks")
@@ -674,13 +668,12 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     os.replace(out_dir / "metrics.tmp", out_dir / "metrics.jsonl")
     if history:  # a panel per logged measure; a list (a spectrum) is a line per entry, a missing value a gap
         keys = dict.fromkeys(key for row in history for key in row if type(row[key]) in (float, list))
-        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)))
+        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)), layout="tight")
         for index, key in enumerate(keys):  # four panels a row
             ax = fig.add_subplot(math.ceil(len(keys) / 4), 4, index + 1)
             ax.plot([row["epoch"] for row in history], [row.get(key, math.nan) for row in history], ".-")
             ax.set(title=key, xlabel="epoch", yscale="log" if key.endswith("eigenvalues") else "linear")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         fig.savefig(out_dir / "figure.tmp", format="png", dpi=100)
         os.replace(out_dir / "figure.tmp", out_dir / f"{SCRIPT}.png")
 

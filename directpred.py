@@ -130,10 +130,9 @@ class BYOL(nn.Module):
         """Eq. 19: F-hat <- rho F-hat + (1 - rho) E[z z^T] over both views (under torchrun over the global
         batch, so that F-hat, and W_p, are the same on every rank); then, if due, W_p set from F-hat."""
         z = torch.cat([z1, z2]).double()
-        correlation = z.T @ z / len(z)
+        correlation = z.T @ z / (len(z) * WORLD_SIZE)  # summed over the ranks below
         if WORLD_SIZE > 1:
             dist.all_reduce(correlation)
-            correlation /= WORLD_SIZE
         self.F_hat.lerp_(correlation, 1 - rho)
         if set_predictor:
             weight, vector = direct_predictor(self.F_hat, eps, self.top_eigenvector)
@@ -166,7 +165,7 @@ def make_optimizer(model, args):
 def schedules(step, steps_per_epoch, args):
     """The learning rate, constant after the warm-up if any (luckmatters); F-hat's rho, 0 at step 0 so that
     the first batch starts F-hat (Eq. 19); whether W_p is set at this step (every --pred-freq steps)."""
-    warmup, lr = args.warmup_epochs * steps_per_epoch, args.lr * args.batch_size / 256
+    warmup, lr = int(args.warmup_epochs * steps_per_epoch), args.lr * args.batch_size / 256
     return dict(lr=lr * min(1, (step + 1) / warmup) if warmup else lr, rho=0.0 if step == 0 else args.rho,
                 set_predictor=args.predictor == "direct" and step % args.pred_freq == 0)
 
@@ -323,7 +322,7 @@ def shared_parser():
         help="synthetic: coloured noise, for checks")
     add("--data-dir", default="./data", help="download folder; for folder: DIR/{train,test}/<class>/<image>")
     add("--subset", type=bounded(int, 0), default=0, help="train on N random training images (0: all)")
-    add("--img-size", type=bounded(int, 8), help="resize the images once (default: the dataset's size)")
+    add("--img-size", type=bounded(int, 8), help="resize the images once (default: 96 for STL-10, else 32)")
     add("--epochs", type=bounded(int, 1), help="length of the schedules")
     add("--max-steps", type=bounded(int, 0), default=0, help="stop after this many steps (0: at the end)")
     add("--batch-size", type=bounded(int, 2), help="global batch, over all ranks")
@@ -575,13 +574,12 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     os.replace(out_dir / "metrics.tmp", out_dir / "metrics.jsonl")
     if history:  # a panel per logged measure; a list (a spectrum) is a line per entry, a missing value a gap
         keys = dict.fromkeys(key for row in history for key in row if type(row[key]) in (float, list))
-        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)))
+        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)), layout="tight")
         for index, key in enumerate(keys):  # four panels a row
             ax = fig.add_subplot(math.ceil(len(keys) / 4), 4, index + 1)
             ax.plot([row["epoch"] for row in history], [row.get(key, math.nan) for row in history], ".-")
             ax.set(title=key, xlabel="epoch", yscale="log" if key.endswith("eigenvalues") else "linear")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         fig.savefig(out_dir / "figure.tmp", format="png", dpi=100)
         os.replace(out_dir / "figure.tmp", out_dir / f"{SCRIPT}.png")
 

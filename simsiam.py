@@ -107,11 +107,9 @@ def negative_cosine(prediction, target):
     return -F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
 def off_axis_share(z, iterations=20):
-    """The share of the batch's variance off its main axis, 1 - lambda_max / trace of the covariance of the
-    l2-normalised outputs: near 1 for outputs spread in every direction, 0 for outputs on one line, which
-    the collapse metric cannot see behind an affine-free batch norm (every channel keeps unit variance, so
-    outputs on one line read sqrt(1 - m^2), m their mean sign). lambda_max by power iteration on the Gram
-    matrix from a fixed start, with no host sync: it can only under-estimate lambda_max."""
+    """1 - lambda_max / trace of the covariance of the l2-normalised outputs: near 1 when they spread in every
+    direction, 0 when they lie on one line, which the collapse metric misses behind an affine-free batch norm.
+    lambda_max by power iteration on the Gram matrix from a fixed start, no host sync: never too high."""
     centred = F.normalize(z.float(), dim=1)
     centred = centred - centred.mean(dim=0)
     gram = centred @ centred.T
@@ -282,7 +280,7 @@ def shared_parser():
         help="synthetic: coloured noise, for checks")
     add("--data-dir", default="./data", help="download folder; for folder: DIR/{train,test}/<class>/<image>")
     add("--subset", type=bounded(int, 0), default=0, help="train on N random training images (0: all)")
-    add("--img-size", type=bounded(int, 8), help="resize the images once (default: the dataset's size)")
+    add("--img-size", type=bounded(int, 8), help="resize the images once (default: 96 for STL-10, else 32)")
     add("--epochs", type=bounded(int, 1), help="length of the schedules")
     add("--max-steps", type=bounded(int, 0), default=0, help="stop after this many steps (0: at the end)")
     add("--batch-size", type=bounded(int, 2), help="global batch, over all ranks")
@@ -534,13 +532,12 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     os.replace(out_dir / "metrics.tmp", out_dir / "metrics.jsonl")
     if history:  # a panel per logged measure; a list (a spectrum) is a line per entry, a missing value a gap
         keys = dict.fromkeys(key for row in history for key in row if type(row[key]) in (float, list))
-        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)))
+        fig = Figure(figsize=(16, 3.4 * math.ceil(len(keys) / 4)), layout="tight")
         for index, key in enumerate(keys):  # four panels a row
             ax = fig.add_subplot(math.ceil(len(keys) / 4), 4, index + 1)
             ax.plot([row["epoch"] for row in history], [row.get(key, math.nan) for row in history], ".-")
             ax.set(title=key, xlabel="epoch", yscale="log" if key.endswith("eigenvalues") else "linear")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
         fig.savefig(out_dir / "figure.tmp", format="png", dpi=100)
         os.replace(out_dir / "figure.tmp", out_dir / f"{SCRIPT}.png")
 

@@ -1,5 +1,5 @@
-"""The headline on a GPU, in at most 9 minutes of wall time: the step benchmark (syncs per step, images
-per second, peak memory), then `byol.py --epochs 100` on CIFAR-10 as a user runs it, then as many of
+"""The headline on a GPU, in a 9-minute budget (the data's unpacking aside): the step benchmark (syncs per
+step, images per second, peak memory), then `byol.py --epochs 100` on the CIFAR-10 JPEG copy, then as many of
 the other scripts as the time left allows, at fewer epochs. One JSON file holds what each run did:
 epochs done, training images per second, and the kNN accuracy of the last epoch; the step benchmark's
 peak GPU memory and host syncs per step.
