@@ -74,6 +74,11 @@ def test_simsiam_stop_gradient_halves_the_gradient_of_a_predictorless_siamese_ne
     torch.testing.assert_close(z1, model.projector[-1](before_bn1))  # in front of the output batch norm
     for half, full in zip(gradients[True], gradients[False]):
         torch.testing.assert_close(half, full / 2, atol=1e-6, rtol=1e-4)
+    model = simsiam.SimSiam(16, 64, 32, 16)  # with its predictor: -cos(p1, z2) / 2 - cos(p2, z1) / 2 (Eq. 2)
+    loss, z1, _ = model(*views)
+    z2 = model.projector(model.backbone(views[1]))
+    cosines = F.cosine_similarity(model.predictor(z1), z2) + F.cosine_similarity(model.predictor(z2), z1)
+    torch.testing.assert_close(loss, -cosines.mean() / 2)
 
 def test_simsiam_ablations_and_the_predictors_fixed_learning_rate():
     args, ctx, data, model, optimizer = set_up(simsiam)
@@ -141,6 +146,9 @@ def test_directpred_keeps_F_hat_as_the_running_correlation_and_sets_W_p_from_it(
     assert [rho for _, rho in correlations] == [0.0, 0.3, 0.3]  # the first batch starts F-hat (Eq. 19)
     statistics = directpred.predictor_statistics(model.F_hat, model.predictor_matrix())
     assert statistics["asymmetry"] < 1e-6 and min(statistics["alignment"]) > 0.999
+    s, U = torch.linalg.eigh(model.F_hat)  # W_p is Eq. 18 of the F-hat it holds now
+    eq18 = U @ torch.diag((s.clamp(min=0) / s.max()).sqrt() + args.eps) @ U.T
+    torch.testing.assert_close(model.predictor.weight.double(), eq18, atol=1e-4, rtol=0)
     _, _, _, sgd, _ = set_up(directpred, "--predictor", "sgd", "--symmetric")
     assert sgd.predictor.weight.requires_grad
     assert torch.allclose(sgd.predictor_matrix(), sgd.predictor_matrix().T)
@@ -190,6 +198,13 @@ def test_dino_teacher_starts_as_the_student_and_its_prototype_scores_are_float32
     steps(dino_vit, args, ctx, data, model, optimizer, 2)  # the first epoch: the prototypes stay fixed
     assert torch.equal(prototypes, model.head.last_layer.parametrizations.weight.original1)
     assert model.center.abs().sum() > 0
+    teacher = [*model.teacher_backbone.parameters(), *model.teacher_head.parameters()]
+    before = [param.add_(torch.randn_like(param)).clone() for param in teacher]  # far from the student
+    hyper = dino_vit.schedules(4, 4, args)  # the second epoch: the prototypes learn, the teacher is the EMA
+    dino_vit.train_step(model, model, optimizer, data["train_x"][:16], hyper, args, ctx)
+    assert not torch.equal(prototypes, model.head.last_layer.parametrizations.weight.original1)
+    for old, new, student in zip(before, teacher, [*model.backbone.parameters(), *model.head.parameters()]):
+        torch.testing.assert_close(new, hyper["ema"] * old + (1 - hyper["ema"]) * student)
 
 def test_dino_attention_maps_are_the_cls_tokens_weights_in_the_last_block():
     """With the [CLS] token's weight on itself, the maps rebuild the [CLS] output of the last block's

@@ -2,6 +2,7 @@
 that shows in the log, and a one-line error (nothing lost) for every bad input a researcher makes."""
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -62,7 +63,8 @@ def test_a_run_stopped_at_any_step_resumes_to_the_weights_of_the_uninterrupted_r
         assert torch.equal(state["momentum_buffer"], resumed["optimizer"]["state"][index]["momentum_buffer"])
 
 def test_a_resumed_run_takes_again_only_the_flags_that_may_change(finished, tmp_path):
-    checkpoint = str(finished[0] / "checkpoint.pt")
+    shutil.copytree(finished[0], tmp_path / "run")  # the shared run stays as it finished
+    checkpoint = str(tmp_path / "run" / "checkpoint.pt")
     assert "--lr" in one_line_error(byol.main, ["--resume", checkpoint, "--lr", "0.5"])
     history = byol.main(["--resume", checkpoint, "--epochs", "3", "--max-steps", "9", "--dtype", "bfloat16"])
     assert history[-1]["step"] == 9 and load(checkpoint)["args"]["epochs"] == 3
