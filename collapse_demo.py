@@ -59,18 +59,11 @@ RECIPE = dict(
     lr=0.2,                 # SGD of the ResNet-18 regimes, per 256 images, held constant (the reproduction's)
     momentum=0.9,
     weight_decay=5e-4,
-    proj_hidden=512,        # the KTH reproduction (Sec. 4): projector and predictor 512 -> 128
-    proj_dim=128,
-    pred_hidden=512,
+    proj_hidden=512, proj_dim=128, pred_hidden=512,  # the KTH reproduction (Sec. 4): both heads 512 -> 128
     ema_start=0.996,        # the teacher's and target's EMA momentum, cosine to 1: DINO's, the KTH report's
     # The blog's ViT is patch 4, width 256, 6 blocks of 4 heads, MLP 1024, head 2048 -> 2048 -> 128, AdamW at
     # 1e-3 for batch 128; these defaults shrink width, depth and head to run on a CPU.
-    patch_size=4,
-    dim=64,
-    depth=2,
-    heads=4,
-    mlp_dim=256,
-    head_hidden=512,
+    patch_size=4, dim=64, depth=2, heads=4, mlp_dim=256, head_hidden=512,
     head_dim=128,           # classes of the per-token softmax
     vit_lr=2e-3,            # AdamW of the ViT regimes, per 256 images, a cosine to 0
     vit_weight_decay=0.04,  # DINO's
@@ -94,9 +87,8 @@ REGIMES = {
     "symmetric-ema": dict(family="siamese", teacher="ema", predictor="symmetric", reproduction=True),
 }
 # The symmetric pair trains as the KTH reproduction did (its Table 1 code): SGD at a constant lr 0.03 for
-# batch 128, weight decay 4e-4 on the weights but not the biases, the SUM of the two negative cosines;
-# projector and predictor 512 -> affine-free batch norm -> ReLU -> 128, no output batch norm. Its F-hat
-# separates the pair after about 5 epochs (~2,000 steps; evaluate() has the shares), far beyond the demo.
+# batch 128, weight decay 4e-4 on weights, not biases, the SUM of the two negative cosines; projector and
+# predictor 512 -> affine-free BN -> ReLU -> 128. F-hat separates the pair after ~2,000 steps (evaluate()).
 REPRODUCTION = dict(lr=0.06, weight_decay=4e-4, separates_after_steps=2000)  # lr per 256 images
 # SimSiam on CIFAR (Appendix D), both views alike. The blog's ViT pair compares tokens at the same grid
 # position, so both its views keep 80-100% of the image; the teacher's light view only crops and flips, the
@@ -122,10 +114,9 @@ def mlp(in_dim, hidden_dim, out_dim, affine=True):
                          nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 class TiedPredictor(nn.Module):
-    """The symmetric predictor of the KTH reproduction's Table 1: Linear -> affine-free BatchNorm -> ReLU ->
-    Linear, the second layer the first's transpose, so that its linear part W^T W is symmetric. The
-    reproduction ties the layers by replacing both with their average after every SGD step; W = (W1 + W2^T) /
-    2 in both layers gives W that same update (each layer's gradient is half the gradient of W)."""
+    """The KTH reproduction's symmetric predictor (Table 1): Linear -> affine-free BatchNorm -> ReLU ->
+    Linear, the second the first's transpose (W^T W is symmetric). It ties the layers by averaging them after
+    each SGD step; W = (W1 + W2^T) / 2 in both layers gets that update (each layer's gradient is half W's)."""
     def __init__(self, dim, hidden_dim):
         super().__init__()
         self.first = nn.Linear(dim, hidden_dim, bias=False)  # batch norm would subtract a bias again
@@ -153,17 +144,17 @@ class SimSiamRegime(nn.Module):
         else:
             self.predictor = mlp(proj_dim, pred_hidden, proj_dim).requires_grad_(predictor == "mlp")
         self.stop_grad = stop_grad
-        online = nn.Sequential(self.backbone, self.projector)
-        self.target = copy.deepcopy(online).requires_grad_(False) if ema else None  # only the EMA moves it
+        self.student = nn.Sequential(self.backbone, self.projector)  # online; an EMA teacher is BYOL's target
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False) if ema else None
 
     def forward(self, view1, view2):
         """The symmetrised loss (SimSiam Eq. 2) and the projections z of view 1, which the collapse metric
         watches. The views go through one at a time, so that batch norm sees one view's statistics."""
-        z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
+        z1, z2 = self.student(view1), self.student(view2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        if self.target is not None:
-            with torch.no_grad():  # the target runs in train mode too: its batch norm uses batch statistics
-                t1, t2 = self.target(view1), self.target(view2)
+        if self.teacher is not None:
+            with torch.no_grad():  # the teacher runs in train mode too: its batch norm uses batch statistics
+                t1, t2 = self.teacher(view1), self.teacher(view2)
         else:  # Eqs. 3-4: with stop-gradient, the other view's projection is a constant
             t1, t2 = (z1.detach(), z2.detach()) if self.stop_grad else (z1, z2)
         cosines = F.cosine_similarity(p1.float(), t2.float()) + F.cosine_similarity(p2.float(), t1.float())
@@ -172,9 +163,6 @@ class SimSiamRegime(nn.Module):
     def embedding(self, features):
         """The kNN features (the backbone's) and the embedding the loss acts on, the projection z."""
         return features, self.projector(features)
-
-    def teacher_and_student(self):
-        return list(self.target.parameters()), [*self.backbone.parameters(), *self.projector.parameters()]
 
 class ViT(nn.Module):
     """The blog's pre-norm Vision Transformer (Dosovitskiy et al. 2021), without dropout: the patch tokens
@@ -203,7 +191,8 @@ class StudentTeacher(nn.Module):
         self.backbone = ViT(**vit_kwargs)
         self.head = nn.Sequential(nn.Linear(vit_kwargs["dim"], head_hidden), nn.GELU(), nn.Linear(
             head_hidden, head_hidden), nn.GELU(), nn.Linear(head_hidden, head_dim))
-        self.teacher = copy.deepcopy(nn.Sequential(self.backbone, self.head)).requires_grad_(teacher == "sgd")
+        self.student = nn.Sequential(self.backbone, self.head)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(teacher == "sgd")
         self.teacher_trains = teacher == "sgd"
         self.student_temp, self.teacher_temp = (student_temp, teacher_temp) if center_sharpen else (1.0, 1.0)
         self.centering, self.center_momentum = center_sharpen, center_momentum
@@ -212,7 +201,7 @@ class StudentTeacher(nn.Module):
     def forward(self, student_view, teacher_view):
         """The token cross-entropy (the blog's loss; DINO's Eqs. 1-2, token by token) H(P_t, P_s), with P_t =
         softmax((t - c) / teacher_temp) and P_s = softmax(s / student_temp); the student's distributions."""
-        student = self.head(self.backbone(student_view)).float()
+        student = self.student(student_view).float()
         with torch.set_grad_enabled(self.teacher_trains):
             teacher = self.teacher(teacher_view).float()
         teacher_probs = F.softmax((teacher - self.center) / self.teacher_temp, dim=-1)
@@ -226,9 +215,6 @@ class StudentTeacher(nn.Module):
         of every token, a row per token. Both collapses of DINO Sec. 5.3 bring these rows together."""
         distributions = F.softmax(self.head(tokens).float() / self.student_temp, dim=-1)
         return tokens.mean(dim=1), distributions.flatten(0, 1)
-
-    def teacher_and_student(self):
-        return list(self.teacher.parameters()), [*self.backbone.parameters(), *self.head.parameters()]
 
 def build_model(spec, args):
     if spec["family"] == "vit":
@@ -254,18 +240,18 @@ def make_optimizer(model, spec, args):
     decay = REPRODUCTION["weight_decay"] if reproduction else args.weight_decay
     return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, weight_decay=decay)
 
-def train_step(model, optimizer, images, spec, ema_momentum, ctx):
+def train_step(model, optimizer, images, spec, momentum, ctx):
     """One step of a regime: the student's (view 1) and teacher's (view 2) views, the loss, an optimiser step,
-    then the teacher update it has: DINO's and BYOL's EMA, a copy after an epoch (ema_momentum 0), or none."""
+    then the teacher update it has: DINO's and BYOL's EMA, a copy after an epoch (momentum 0), or none."""
     view1, view2 = (augment(images, view, ctx) for view in VIEWS[spec["family"]])
     with ctx.autocast:
         loss, embedding = model(view1, view2)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    if ema_momentum is not None:
+    if momentum is not None:
         with torch.no_grad():
-            torch._foreach_lerp_(*model.teacher_and_student(), 1 - ema_momentum)
+            torch._foreach_lerp_([*model.teacher.parameters()], [*model.student.parameters()], 1 - momentum)
     return dict(loss=loss.detach(), collapse=collapse_metric(embedding.detach()))
 
 @torch.no_grad()
@@ -404,11 +390,10 @@ def build_parser():
     add("--dtype", choices=["bfloat16", "float32"], help="autocast precision (default: bfloat16 on CUDA)")
     add("--seed", type=int, default=0, help="seed of the weights, the subset and every batch")
     add("--out-dir", help="run folder (default: runs/<script>-<time>)")
-    add("--lr", type=bounded(float, 0), help="SGD's, ResNet-18 regimes, per 256 images")
-    add("--vit-lr", type=bounded(float, 0), help="AdamW's, ViT regimes, per 256 images")
     add("--momentum", type=bounded(float, 0, 1, below=True), help="SGD's")
     add("--ema-start", type=bounded(float, 0, 1), help="EMA momentum of the teacher (target) at step 0")
-    for name in ("weight_decay", "vit_weight_decay", "student_temp", "teacher_temp", "center_momentum"):
+    for name in ("lr", "vit_lr", "weight_decay", "vit_weight_decay", "student_temp", "teacher_temp",
+                 "center_momentum"):
         add(f"--{name.replace('_', '-')}", type=bounded(float, 0), help="see RECIPE")
     for name in ("proj_hidden", "proj_dim", "pred_hidden", "patch_size", "dim", "depth", "heads", "mlp_dim",
                  "head_hidden", "head_dim"):

@@ -55,7 +55,7 @@ def load_run(path, dataset=None, data_dir=None, subset=0, device="auto"):
     return script, args, checkpoint, model
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("checkpoint", help="checkpoint.pt of a training script")
@@ -100,8 +100,8 @@ def main(argv=None):
     for epoch in range(args.epochs):
         classifier.train()
         losses = []
-        for batch in torch.randperm(len(train_x), device=ctx.device)[:steps_per_epoch * args.batch_size].view(
-                steps_per_epoch, -1):
+        order = torch.randperm(len(train_x), device=ctx.device)[:steps_per_epoch * args.batch_size]
+        for batch in order.view(steps_per_epoch, -1):
             loss = F.cross_entropy(classifier(train_x[batch]), train_y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,15 +125,14 @@ def main(argv=None):
     result = dict(checkpoint=str(args.checkpoint), script=checkpoint["script"], step=checkpoint["step"],
                   dataset=run_args.dataset, num_train=len(train_x), num_test=len(test_x),
                   feature_dim=train_x.shape[1], linear_top1=history[-1]["top1"],
-                  linear_top5=history[-1]["top5"],
-                  knn_top1_k20=knn[20], knn_top1_k200=knn[200], per_class_top1=dict(zip(classes,
-                                                                                        per_class.tolist())),
+                  linear_top5=history[-1]["top5"], knn_top1_k20=knn[20], knn_top1_k200=knn[200],
+                  per_class_top1=dict(zip(classes, per_class.tolist())),
                   protocol=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
                   history=history)
     out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "linear_eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    fig = Figure(figsize=(15, 3.8))
+    fig = Figure(figsize=(15, 3.8), layout="tight")
     loss_ax, top1_ax, class_ax = fig.subplots(1, 3, gridspec_kw=dict(width_ratios=[1, 1, 1.4]))
     epochs = [row["epoch"] for row in history]
     loss_ax.plot(epochs, [row["loss"] for row in history])
@@ -147,7 +146,6 @@ def main(argv=None):
     if len(classes) <= 20:
         class_ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     fig.suptitle(f"linear evaluation of {result['script']}.py, step {result['step']}: {args.checkpoint}")
-    fig.tight_layout()
     fig.savefig(out_dir / "linear_eval.png", dpi=100)
     print(f"done: linear top-1 {result['linear_top1']:.2%}, top-5 {result['linear_top5']:.2%} (last epoch), "
           f"kNN top-1 {knn[20]:.2%} (k = 20), {knn[200]:.2%} (k = 200); wrote {out_dir / 'linear_eval.json'}")

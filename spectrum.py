@@ -40,17 +40,15 @@ def report(script, z):
                 collapse=script.collapse_metric(z).item())
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of the training scripts")
     parser.add_argument("--dataset", help="test images of another dataset (default: each checkpoint's)")
     parser.add_argument("--data-dir", help="where the images are now (default: each checkpoint's --data-dir)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if any")
-    parser.add_argument("--out",
-                        help="path prefix of the outputs (default: <first checkpoint's folder>/spectrum)")
+    parser.add_argument("--out", help="path prefix of the outputs (default: beside the first checkpoint)")
     args = parser.parse_args(argv)
-    runs = [load_run(path, args.dataset, args.data_dir, 0,
-                     args.device) for path in args.checkpoints]  # checked
+    runs = [load_run(path, args.dataset, args.data_dir, 0, args.device) for path in args.checkpoints]
     torch.backends.cudnn.allow_tf32 = False  # TF32 rounds like bf16
     torch.backends.cuda.matmul.allow_tf32 = False
     reports = []
@@ -62,15 +60,12 @@ def main(argv=None):
         with torch.no_grad():
             outputs = projector(features)
         label = f"{checkpoint['script']} {Path(path).parent.name} step {checkpoint['step']}"
-        entry = dict(checkpoint=path, label=label, num_images=len(features), backbone=report(script,
-                                                                                             features),
-                     projector=report(script, outputs))
+        entry = dict(checkpoint=path, label=label, num_images=len(features),
+                     backbone=report(script, features), projector=report(script, outputs))
         if hasattr(model, "F_hat"):  # a linear predictor: DirectPred's quantities (Tian et al. Sec. 4-5)
-            W, keys = model.predictor_matrix().double(), ("F_eigenvalues", "predictor_eigenvalues",
-                                                          "alignment",
-                                                          "asymmetry")
-            history = [{key: row[key] for key in ("epoch",
-                                                  *keys)} for row in checkpoint["history"] if keys[0] in row]
+            W = model.predictor_matrix().double()
+            keys = ("epoch", "F_eigenvalues", "predictor_eigenvalues", "alignment", "asymmetry")
+            history = [{key: row[key] for key in keys} for row in checkpoint["history"] if keys[1] in row]
             entry["predictor"] = dict(script.predictor_statistics(model.F_hat, W), history=history,
                                       sym_min_eigenvalue=torch.linalg.eigvalsh((W + W.T) / 2)[0].item())
         for level in ("backbone", "projector"):
@@ -80,14 +75,13 @@ def main(argv=None):
         if "predictor" in entry:
             r = entry["predictor"]
             print(f"{label} | predictor: mean alignment {r['mean_alignment']:.3f}, asymmetry "
-                  f"{r['asymmetry']:.3g}, "
-                  f"smallest eigenvalue of (W + W^T) / 2 {r['sym_min_eigenvalue']:.3g}")
+                  f"{r['asymmetry']:.3g}, smallest eigenvalue of (W + W^T) / 2 {r['sym_min_eigenvalue']:.3g}")
         reports.append(entry)
 
     out = Path(args.out or Path(args.checkpoints[0]).parent / "spectrum")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_name(out.name + ".json").write_text(json.dumps(dict(checkpoints=reports)) + "\n")
-    fig = Figure(figsize=(13, 4.8))
+    fig = Figure(figsize=(13, 4.8), layout="tight")
     for ax, level in zip(fig.subplots(1, 2), ("backbone", "projector")):
         for entry in reports:
             r = entry[level]
@@ -96,16 +90,15 @@ def main(argv=None):
         limit = min(entry["num_images"] for entry in reports) - 1  # the rank of a covariance of n images
         if limit < max(entry[level]["dim"] for entry in reports):
             ax.axvline(limit, color="grey", linestyle=":", label=f"rank limit of {limit + 1} images")
-        ax.set(title=f"{level} output", xlabel="index (largest first)", ylabel="eigenvalue", ylim=(5e-13,
-                                                                                                   None))
+        ax.set(title=f"{level} output", xlabel="index (largest first)", ylabel="eigenvalue",
+               ylim=(5e-13, None))
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle("covariance eigenvalues of the l2-normalised test embeddings")
-    fig.tight_layout()
     fig.savefig(out.with_name(out.name + ".png"), dpi=100)
     with_predictor = [entry for entry in reports if "predictor" in entry]
     if with_predictor:  # a row per checkpoint: over training, then the alignment at the end
-        fig = Figure(figsize=(20, 3.8 * len(with_predictor)))
+        fig = Figure(figsize=(20, 3.8 * len(with_predictor)), layout="tight")
         for row, entry in zip(fig.subplots(len(with_predictor), 5, squeeze=False), with_predictor):
             predictor = entry["predictor"]
             for ax, key in zip(row, ("F_eigenvalues", "predictor_eigenvalues", "alignment", "asymmetry")):
@@ -117,7 +110,6 @@ def main(argv=None):
             row[4].set(title=f"alignment at the end; min eigenvalue of (W + W^T) / 2 "
                              f"{predictor['sym_min_eigenvalue']:.3g}", xlabel="eigenvector of F-hat",
                              ylim=(-1.05, 1.05))
-        fig.tight_layout()
         fig.savefig(out.with_name(out.name + "-predictor.png"), dpi=100)
     print(f"wrote {out}.json, {out}.png" + (f", {out}-predictor.png" if with_predictor else ""))
     return dict(checkpoints=reports)
