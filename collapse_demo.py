@@ -193,7 +193,6 @@ class StudentTeacher(nn.Module):
             head_hidden, head_hidden), nn.GELU(), nn.Linear(head_hidden, head_dim))
         self.student = nn.Sequential(self.backbone, self.head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(teacher == "sgd")
-        self.teacher_trains = teacher == "sgd"
         self.student_temp, self.teacher_temp = (student_temp, teacher_temp) if center_sharpen else (1.0, 1.0)
         self.centering, self.center_momentum = center_sharpen, center_momentum
         self.register_buffer("center", torch.zeros(head_dim))  # stays 0 without centring
@@ -202,8 +201,7 @@ class StudentTeacher(nn.Module):
         """The token cross-entropy (the blog's loss; DINO's Eqs. 1-2, token by token) H(P_t, P_s), with P_t =
         softmax((t - c) / teacher_temp) and P_s = softmax(s / student_temp); the student's distributions."""
         student = self.student(student_view).float()
-        with torch.set_grad_enabled(self.teacher_trains):
-            teacher = self.teacher(teacher_view).float()
+        teacher = self.teacher(teacher_view).float()  # a graph only when the regime trains it (sgd-both)
         teacher_probs = F.softmax((teacher - self.center) / self.teacher_temp, dim=-1)
         loss = -(teacher_probs * F.log_softmax(student / self.student_temp, dim=-1)).sum(dim=-1).mean()
         if self.centering:  # DINO Eq. 4, over the batch and its tokens
@@ -282,6 +280,8 @@ def main(argv=None):
              f"{args.patch_size} divide --img-size {args.img_size}")
     ctx = setup(args)
     data = load_data(args, ctx.device)
+    if not len(data["labelled_y"]):  # kNN top-1 is one of the four measures
+        fail(f"the demo needs labelled images, and {args.data_dir} has no train/<class>/ folders")
     out_dir = Path(args.out_dir or f"runs/{SCRIPT}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         out_dir.mkdir(parents=True)  # exclusively: never another run's folder

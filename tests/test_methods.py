@@ -113,8 +113,9 @@ def test_simsiam_collapse_measures_see_the_collapse_the_output_batch_norm_hides(
 
 # --- DirectPred and DirectCopy ------------------------------------------------------------------------
 @pytest.mark.parametrize("spectrum", [np.logspace(0, -10, 128), np.r_[np.logspace(0, -3, 96), np.zeros(32)],
-                                      np.r_[1.0, 0.999, np.random.default_rng(0).uniform(0, 0.99, 126)]],
-                         ids=["wide", "rank-96", "close-top"])
+                                      np.r_[1.0, 0.999, np.random.default_rng(0).uniform(0, 0.99, 126)],
+                                      np.r_[1.0, np.full(127, 1 - 3 / 65536)]],  # the solver's worst case
+                         ids=["wide", "rank-96", "close-top", "crowded-top"])
 def test_direct_predictors_equal_their_eigendecomposition_formulas(spectrum):
     """Without an eigendecomposition (it waits for the GPU): Tian et al. Eq. 18 and Wang et al.'s copy."""
     Q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((128, 128)))

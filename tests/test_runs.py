@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 import byol
+import collapse_demo
 import dino_vit
 import linear_eval
 import simsiam
@@ -137,6 +138,8 @@ def test_a_folder_without_labels_trains_with_the_collapse_measures_and_no_knn(tm
     checkpoint = str(tmp_path / "run" / "checkpoint.pt")
     assert load(checkpoint)["data"]["train"] == 32
     assert "needs labels" in one_line_error(linear_eval.main, [checkpoint, "--device", "cpu"])
+    demo = ["--dataset", "folder", "--data-dir", str(tmp_path / "photos"), "--batch-size", "8"]
+    assert "needs labelled images" in one_line_error(collapse_demo.main, demo)
     report = spectrum.main([checkpoint, "--out", str(tmp_path / "s"), "--device", "cpu"])["checkpoints"][0]
     assert report["projector"]["erank"] == pytest.approx(history[-1]["erank"], rel=1e-4)
 
