@@ -472,7 +472,7 @@ def load_data(args, device):
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
-        fail(f"cannot load {args.dataset} from {args.data_dir}: {str(error).strip().splitlines()[-1]}")
+        fail(f"cannot load {args.dataset} in {args.data_dir}: {(str(error) or repr(error)).splitlines()[-1]}")
     (train_x, train_y), (test_x, test_y) = splits
     if args.subset:
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
@@ -529,9 +529,9 @@ def apply_view(images, p, size, mean, std):
     x = torch.where(p["flip"], x.flip(-1), x)
     x = torch.where(p["jitter"], color_jitter(x, p["factors"], p["hue"], p["order"]), x)
     x = torch.where(p["grayscale"], TF.rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # torchvision's solarize at 128 / 255
     if "blur" in p:  # a kernel of 10% of the image (23 taps at 224 px), as SimCLR's and BYOL's
         x = torch.where(p["blur"], gaussian_blur(x, p["sigma"], max(3, 2 * round(0.05 * size - 0.5) + 1)), x)
+    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # after the blur (BYOL Table 6); at 128 / 255
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 def color_jitter(images, factors, hue, order):

@@ -199,8 +199,9 @@ def dino_loss(student_logits, teacher_logits, center, teacher_temp, student_temp
     teacher_log_probs = F.log_softmax((teacher_logits - center) / teacher_temp, dim=-1)
     teacher_probs = teacher_log_probs.exp()
     student_log_probs = F.log_softmax(student_logits / student_temp, dim=-1)
-    # cross_entropy[t, v]: the batch mean of H(P_t, P_s) for teacher crop t and student crop v
-    cross_entropy = -torch.einsum("tbk,vbk->tv", teacher_probs, student_log_probs) / teacher_probs.shape[1]
+    # cross_entropy[t, v]: the batch mean of H(P_t, P_s) for teacher crop t and student crop v, in float32
+    with torch.autocast(teacher_probs.device.type, enabled=False):  # autocast would contract in bf16
+        cross_entropy = -torch.einsum("tbk,vbk->tv", teacher_probs, student_log_probs) / len(teacher_probs[0])
     same_crop = cross_entropy.diagonal().sum()  # a global crop is not compared with itself
     loss = (cross_entropy.sum() - same_crop) / (cross_entropy.numel() - len(teacher_probs))
     entropy = -(teacher_probs * teacher_log_probs).sum(dim=-1).mean()
@@ -373,8 +374,8 @@ def main(argv=None):
         shown = [f"{key} {value:.4g}" for key, value in row.items() if type(value) is float]
         eta = f"eta {(last_step - step) * args.batch_size / row['images_per_s'] / 60:.1f} min"
         log(" | ".join([f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step}", *shown, eta]))
-        if epoch_end:
-            history = [old for old in history if old["epoch"] <= epoch] + [row]  # a resumed epoch: one row
+        if epoch_end:  # a row an epoch; an epoch resumed midway gets one, the means of its steps since then
+            history = [old for old in history if old["epoch"] <= epoch] + [row]
             sums = {}
         if evaluated:  # every --eval-every epochs, and at the end
             save_run(out_dir, model, optimizer, args, data, step, history)
@@ -443,7 +444,7 @@ def parse_args(argv=None):
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, a folder, truncated, not a checkpoint
-        fail(f"cannot read checkpoint {args.resume}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot read checkpoint {args.resume}: {(str(error) or repr(error)).splitlines()[0]}")
     writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if writer != SCRIPT:
         fail(f"{args.resume} was written by {writer or 'another program'}, not by {SCRIPT}")
@@ -505,7 +506,7 @@ def load_data(args, device):
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
-        fail(f"cannot load {args.dataset} from {args.data_dir}: {str(error).strip().splitlines()[-1]}")
+        fail(f"cannot load {args.dataset} in {args.data_dir}: {(str(error) or repr(error)).splitlines()[-1]}")
     (train_x, train_y), (test_x, test_y) = splits
     if args.subset:
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
@@ -562,9 +563,9 @@ def apply_view(images, p, size, mean, std):
     x = torch.where(p["flip"], x.flip(-1), x)
     x = torch.where(p["jitter"], color_jitter(x, p["factors"], p["hue"], p["order"]), x)
     x = torch.where(p["grayscale"], TF.rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # torchvision's solarize at 128 / 255
     if "blur" in p:  # a kernel of 10% of the image (23 taps at 224 px), as SimCLR's and BYOL's
         x = torch.where(p["blur"], gaussian_blur(x, p["sigma"], max(3, 2 * round(0.05 * size - 0.5) + 1)), x)
+    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # after the blur (BYOL Table 6); at 128 / 255
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 def color_jitter(images, factors, hue, order):

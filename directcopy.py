@@ -4,12 +4,12 @@ Self-supervision", 2021, arXiv:2110.04947).
 
 Idea: DirectPred (Tian et al. 2021) made cheaper. BYOL with one linear predictor W_p that gets no gradient:
 a running average F-hat of the correlation E[z z^T] of the online projections is copied into it, W_p = F-hat
-/ |F-hat|_2 + eps I (DirectPred's eigenvalues are the square roots). `--predictor sgd` trains the same map
+/ |F-hat| + eps I (DirectPred sets its eigenvalues to square roots). `--predictor sgd` trains the same map
 (the baseline). Logged: F-hat's and W_p's eigenvalues, their alignment and W_p's asymmetry.
 
 Usage:
     python directcopy.py --epochs 100                                  # CIFAR-10, downloaded to ./data
-    python directcopy.py --predictor sgd --symmetric                   # trained linear predictor, W sym.
+    python directcopy.py --predictor sgd                               # the baseline: W_p trained by SGD
     python directcopy.py --ema 0                                       # no EMA: the target is the online net
     python directcopy.py --dataset folder --data-dir DIR               # DIR/{train,test}/<class>/*
     python directcopy.py --resume runs/directcopy-<time>/checkpoint.pt # continue a stopped run
@@ -50,8 +50,8 @@ RECIPE = dict(
     ema=0.996,           # luckmatters: a fixed EMA momentum
     predictor="direct",  # W_p copied from F-hat ("sgd": the trained baseline)
     pred_freq=1,         # W_p set at every step
-    rho=0.5,             # Eq. 19 of Tian et al.: F-hat's averaging; rho and eps are DirectCopy's setting
-    eps=0.3,
+    rho=0.5,             # Eq. 19 of Tian et al.: F-hat's averaging; rho and eps: the KTH reproduction's
+    eps=0.3,             # DirectCopy setting (KTH report, Sec. 4), for its code's Frobenius norm
 )
 # Augmentation: luckmatters' CIFAR-10 transforms (no blur: "cifar10 images are small"), both views alike; from
 # 96 px on, its STL-10 blur of every image: sigma 0.1-2 px of a 224-px image, scaled (not 0.1-2 px at 96 px).
@@ -70,46 +70,29 @@ def resnet18(img_size):
     net.fc = nn.Identity()
     return net
 
-def top_eigenvalue(F_hat, squarings=16):
-    """The largest eigenvalue of the positive semi-definite F-hat by matrix products alone (eigh and a
-    spectral norm wait for the GPU): P = F-hat^65536, kept at trace 1, projects onto the top eigenvector and
-    tr(P F-hat) is its eigenvalue (at worst 6e-5 below it, when many crowd the top; up to 512 dimensions)."""
-    power = F_hat
-    for _ in range(squarings):
-        power = power / power.trace().clamp_min(1e-300)
-        power = power @ power
-    return (power @ F_hat).trace() / power.trace().clamp_min(1e-300)
-
 def direct_predictor(F_hat, eps):
-    """Wang et al. 2021: W_p = F-hat / |F-hat|_2 + eps I. The spectral norm, F-hat's top eigenvalue, puts
-    W_p's top eigenvalue at 1 + eps, as DirectPred's; luckmatters' "directcopy" mode copies M + eps I
-    unnormalised, the KTH reproduction divides by the Frobenius norm."""
-    identity = torch.eye(len(F_hat), dtype=F_hat.dtype, device=F_hat.device)
-    return F_hat / top_eigenvalue(F_hat) + eps * identity
+    """Wang et al. 2021: W_p = F-hat / |F-hat| + eps I, no eigenvalue needed. The paper names no norm; the
+    KTH reproduction, whose rho and eps these are, takes the Frobenius norm (luckmatters' code copies F-hat
+    unnormalised). W_p's eigenvalues are then s_j / |s|_2 + eps: at most 1 + eps, less when F-hat is flat."""
+    return F_hat / F_hat.norm() + eps * torch.eye(len(F_hat), dtype=F_hat.dtype, device=F_hat.device)
 
 class BYOL(nn.Module):
-    def __init__(self, img_size, proj_hidden, proj_dim, predictor, symmetric):
+    def __init__(self, img_size, proj_hidden, proj_dim, predictor):
         super().__init__()
         self.backbone = resnet18(img_size)
         # BYOL's projector (Sec. 3.3), its batch norm without affine parameters as luckmatters'
         self.projector = nn.Sequential(nn.Linear(512, proj_hidden), nn.BatchNorm1d(proj_hidden, affine=False),
                                        nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim))
         self.predictor = nn.Linear(proj_dim, proj_dim, bias=False).requires_grad_(predictor == "sgd")
-        self.symmetric = symmetric
         # F-hat, the running E[z z^T], saved with the weights like batch norm's running statistics; float64
         self.register_buffer("F_hat", torch.zeros(proj_dim, proj_dim, dtype=torch.float64))
         # The target starts as a copy of the online network; only the EMA moves it (BYOL Sec. 3.1, Eq. 1).
         self.target = copy.deepcopy(nn.Sequential(self.backbone, self.projector)).requires_grad_(False)
 
-    def predictor_matrix(self):
-        """W_p as applied: with --symmetric, the symmetric part of the weight (Tian et al.'s analysis)."""
-        weight = self.predictor.weight
-        return (weight + weight.T) / 2 if self.symmetric else weight
-
     def forward(self, view1, view2):
         """The symmetrised loss (BYOL Eq. 2 and its mirror) and the online projections of both views."""
         z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
-        p1, p2 = F.linear(z1, self.predictor_matrix()), F.linear(z2, self.predictor_matrix())
+        p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():  # the target runs in train mode too: its batch norm uses batch statistics
             t1, t2 = self.target(view1), self.target(view2)
         return regression_loss(p1, t2) + regression_loss(p2, t1), z1, z2
@@ -136,8 +119,8 @@ def regression_loss(prediction, target):
     """BYOL Eq. 2: the squared distance of the l2-normalised vectors, 2 - 2 cos(p, z), batch mean."""
     return 2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
-def build_model(args):  # --symmetric changes nothing with --predictor direct: its W_p is symmetric
-    return BYOL(args.img_size, args.proj_hidden, args.proj_dim, args.predictor, args.symmetric)
+def build_model(args):  # Tian et al.'s symmetric W_p (--symmetric) is directpred.py's: the same sgd run
+    return BYOL(args.img_size, args.proj_hidden, args.proj_dim, args.predictor)
 
 def networks(model):
     """The backbone and projector that the kNN monitor, linear_eval.py and spectrum.py evaluate."""
@@ -183,7 +166,7 @@ def predictor_statistics(F_hat, predictor):
                 asymmetry=((W - W.T).norm() / (W + W.T).norm().clamp(min=1e-12)).item())
 
 def evaluate(model, data, ctx):
-    statistics = predictor_statistics(model.F_hat, model.predictor_matrix())
+    statistics = predictor_statistics(model.F_hat, model.predictor.weight)
     return dict(monitor(*networks(model), data, ctx), **statistics)
 
 def build_parser():
@@ -195,7 +178,6 @@ def build_parser():
     add("--ema", type=bounded(float, 0, 1), help="target EMA momentum; 0: the target is the online network")
     add("--predictor", choices=["direct", "sgd"], help="W_p set from F-hat, or trained by SGD")
     add("--pred-freq", type=bounded(int, 1), help="steps between settings of W_p (direct)")
-    add("--symmetric", action="store_true", help="sgd: use (W + W^T) / 2 as the predictor")
     add("--rho", type=bounded(float, 0, 1, below=True), help="F-hat <- rho F-hat + (1 - rho) E[z z^T]")
     add("--eps", type=bounded(float, 0), help="added to every eigenvalue of W_p")
     parser.set_defaults(**RECIPE)
@@ -263,8 +245,8 @@ def main(argv=None):
         shown = [f"{key} {value:.4g}" for key, value in row.items() if type(value) is float]
         eta = f"eta {(last_step - step) * args.batch_size / row['images_per_s'] / 60:.1f} min"
         log(" | ".join([f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step}", *shown, eta]))
-        if epoch_end:
-            history = [old for old in history if old["epoch"] <= epoch] + [row]  # a resumed epoch: one row
+        if epoch_end:  # a row an epoch; an epoch resumed midway gets one, the means of its steps since then
+            history = [old for old in history if old["epoch"] <= epoch] + [row]
             sums = {}
         if evaluated:  # every --eval-every epochs, and at the end
             save_run(out_dir, model, optimizer, args, data, step, history)
@@ -333,7 +315,7 @@ def parse_args(argv=None):
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, a folder, truncated, not a checkpoint
-        fail(f"cannot read checkpoint {args.resume}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot read checkpoint {args.resume}: {(str(error) or repr(error)).splitlines()[0]}")
     writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if writer != SCRIPT:
         fail(f"{args.resume} was written by {writer or 'another program'}, not by {SCRIPT}")
@@ -395,7 +377,7 @@ def load_data(args, device):
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
-        fail(f"cannot load {args.dataset} from {args.data_dir}: {str(error).strip().splitlines()[-1]}")
+        fail(f"cannot load {args.dataset} in {args.data_dir}: {(str(error) or repr(error)).splitlines()[-1]}")
     (train_x, train_y), (test_x, test_y) = splits
     if args.subset:
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
@@ -452,9 +434,9 @@ def apply_view(images, p, size, mean, std):
     x = torch.where(p["flip"], x.flip(-1), x)
     x = torch.where(p["jitter"], color_jitter(x, p["factors"], p["hue"], p["order"]), x)
     x = torch.where(p["grayscale"], TF.rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # torchvision's solarize at 128 / 255
     if "blur" in p:  # a kernel of 10% of the image (23 taps at 224 px), as SimCLR's and BYOL's
         x = torch.where(p["blur"], gaussian_blur(x, p["sigma"], max(3, 2 * round(0.05 * size - 0.5) + 1)), x)
+    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # after the blur (BYOL Table 6); at 128 / 255
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 def color_jitter(images, factors, hue, order):

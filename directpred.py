@@ -267,8 +267,8 @@ def main(argv=None):
         shown = [f"{key} {value:.4g}" for key, value in row.items() if type(value) is float]
         eta = f"eta {(last_step - step) * args.batch_size / row['images_per_s'] / 60:.1f} min"
         log(" | ".join([f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step}", *shown, eta]))
-        if epoch_end:
-            history = [old for old in history if old["epoch"] <= epoch] + [row]  # a resumed epoch: one row
+        if epoch_end:  # a row an epoch; an epoch resumed midway gets one, the means of its steps since then
+            history = [old for old in history if old["epoch"] <= epoch] + [row]
             sums = {}
         if evaluated:  # every --eval-every epochs, and at the end
             save_run(out_dir, model, optimizer, args, data, step, history)
@@ -337,7 +337,7 @@ def parse_args(argv=None):
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, a folder, truncated, not a checkpoint
-        fail(f"cannot read checkpoint {args.resume}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot read checkpoint {args.resume}: {(str(error) or repr(error)).splitlines()[0]}")
     writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if writer != SCRIPT:
         fail(f"{args.resume} was written by {writer or 'another program'}, not by {SCRIPT}")
@@ -399,7 +399,7 @@ def load_data(args, device):
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
-        fail(f"cannot load {args.dataset} from {args.data_dir}: {str(error).strip().splitlines()[-1]}")
+        fail(f"cannot load {args.dataset} in {args.data_dir}: {(str(error) or repr(error)).splitlines()[-1]}")
     (train_x, train_y), (test_x, test_y) = splits
     if args.subset:
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]
@@ -456,9 +456,9 @@ def apply_view(images, p, size, mean, std):
     x = torch.where(p["flip"], x.flip(-1), x)
     x = torch.where(p["jitter"], color_jitter(x, p["factors"], p["hue"], p["order"]), x)
     x = torch.where(p["grayscale"], TF.rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # torchvision's solarize at 128 / 255
     if "blur" in p:  # a kernel of 10% of the image (23 taps at 224 px), as SimCLR's and BYOL's
         x = torch.where(p["blur"], gaussian_blur(x, p["sigma"], max(3, 2 * round(0.05 * size - 0.5) + 1)), x)
+    x = torch.where(p["solarize"] & (x >= 0.5), 1 - x, x)  # after the blur (BYOL Table 6); at 128 / 255
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 def color_jitter(images, factors, hue, order):

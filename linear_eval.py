@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 SCRIPTS = ("byol", "simsiam", "directpred", "directcopy", "dino_vit")
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")  # the training scripts' --dataset
 
 def fail(message):
     raise SystemExit(f"{Path(__file__).stem}.py: error: {message}")
@@ -40,7 +41,7 @@ def load_run(path, dataset=None, data_dir=None, subset=0, device="auto"):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, truncated, not a checkpoint
-        fail(f"cannot read checkpoint {path}: {str(error).strip().splitlines()[0]}")
+        fail(f"cannot read checkpoint {path}: {(str(error) or repr(error)).splitlines()[0]}")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") not in SCRIPTS:
         fail(f"{path} is not a checkpoint of a training script here ({', '.join(SCRIPTS)})")
     script, saved = importlib.import_module(checkpoint["script"]), checkpoint["args"]
@@ -59,7 +60,7 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("checkpoint", help="checkpoint.pt of a training script")
-    add("--dataset", help="evaluate on another dataset (default: the checkpoint's)")
+    add("--dataset", choices=DATASETS, help="evaluate on another dataset (default: the checkpoint's)")
     add("--data-dir", help="where the images are now (default: the checkpoint's --data-dir)")
     add("--subset", type=int, default=0, help="the classifier's N training images (0: all)")
     add("--epochs", type=int, default=100, help="epochs of the classifier")

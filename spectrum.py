@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from linear_eval import load_run
+from linear_eval import DATASETS, load_run
 
 @torch.no_grad()
 def report(script, z):
@@ -43,7 +43,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of the training scripts")
-    parser.add_argument("--dataset", help="test images of another dataset (default: each checkpoint's)")
+    parser.add_argument("--dataset", choices=DATASETS, help="another dataset (default: each checkpoint's)")
     parser.add_argument("--data-dir", help="where the images are now (default: each checkpoint's --data-dir)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if any")
     parser.add_argument("--out", help="path prefix of the outputs (default: beside the first checkpoint)")
@@ -63,7 +63,8 @@ def main(argv=None):
         entry = dict(checkpoint=path, label=label, num_images=len(features),
                      backbone=report(script, features), projector=report(script, outputs))
         if hasattr(model, "F_hat"):  # a linear predictor: DirectPred's quantities (Tian et al. Sec. 4-5)
-            W = model.predictor_matrix().double()
+            W = model.predictor_matrix() if hasattr(model, "predictor_matrix") else model.predictor.weight
+            W = W.double()  # W_p as applied (directpred.py's --symmetric applies the weight's symmetric part)
             keys = ("epoch", "F_eigenvalues", "predictor_eigenvalues", "alignment", "asymmetry")
             history = [{key: row[key] for key in keys} for row in checkpoint["history"] if keys[1] in row]
             entry["predictor"] = dict(script.predictor_statistics(model.F_hat, W), history=history,

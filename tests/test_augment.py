@@ -73,6 +73,16 @@ def test_blur_is_torchvisions_with_each_images_own_sigma():
         expected = TF.gaussian_blur(images[i], [7, 7], [sigma[i].item()] * 2)
         torch.testing.assert_close(out[i], expected, atol=1e-5, rtol=0)
 
+def test_solarization_follows_the_blur_as_in_byols_table_6():
+    torch.manual_seed(4)
+    images = torch.randint(0, 256, (4, 3, 224, 224), dtype=torch.uint8)  # sigma 0.1-2 px at 224 px
+    view = {**byol.VIEW, "crop_scale": (1, 1), "flip": 0, "jitter": 0, "grayscale": 0, "solarize": 1}
+    views, params = augment(byol, images, {**view, "blur": 1})  # each whole image, blurred and solarized
+    views = views * torch.tensor(byol.STD).view(3, 1, 1) + torch.tensor(byol.MEAN).view(3, 1, 1)
+    blurred = byol.gaussian_blur(images.float() / 255, params["sigma"], 23)
+    expected = torch.where(blurred >= 0.5, 1 - blurred, blurred)
+    torch.testing.assert_close(views, expected, atol=1e-5, rtol=0)
+
 @pytest.mark.parametrize("module, rates", [(byol, (1.0, 0.1)), (simsiam, (0.5, 0.5)), (directpred, (1, 1)),
                                            (directcopy, (1, 1)), (dino_vit, (1.0, 0.1, 0.5))])
 def test_from_96_px_each_view_blurs_as_often_as_its_paper_says(module, rates):
