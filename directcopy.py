@@ -4,7 +4,7 @@ Self-supervision", 2021, arXiv:2110.04947).
 
 Idea: DirectPred (Tian et al. 2021) made cheaper. BYOL with one linear predictor W_p that gets no gradient:
 a running average F-hat of the correlation E[z z^T] of the online projections is copied into it, W_p = F-hat
-/ |F-hat| + eps I (DirectPred sets its eigenvalues to square roots). `--predictor sgd` trains the same map
+/ |F-hat|_F + eps I (DirectPred sets its eigenvalues to square roots). `--predictor sgd` trains the same map
 (the baseline). Logged: F-hat's and W_p's eigenvalues, their alignment and W_p's asymmetry.
 
 Usage:
@@ -315,7 +315,7 @@ def parse_args(argv=None):
     try:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, a folder, truncated, not a checkpoint
-        fail(f"cannot read checkpoint {args.resume}: {(str(error) or repr(error)).splitlines()[0]}")
+        fail(f"cannot read checkpoint {args.resume}: {(str(error).strip() or repr(error)).splitlines()[0]}")
     writer = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if writer != SCRIPT:
         fail(f"{args.resume} was written by {writer or 'another program'}, not by {SCRIPT}")
@@ -377,7 +377,7 @@ def load_data(args, device):
             folders, splits = [argparse.Namespace(classes=list(range(10)))], [(images[:2000], labels[:2000]),
                                                                                (images[2000:], labels[2000:])]
     except Exception as error:  # no such folder, no images in it, a corrupt image, offline, a broken archive
-        fail(f"cannot load {args.dataset} in {args.data_dir}: {(str(error) or repr(error)).splitlines()[-1]}")
+        fail(f"cannot load {args.data_dir}: {(str(error).strip() or repr(error)).splitlines()[-1]}")
     (train_x, train_y), (test_x, test_y) = splits
     if args.subset:
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:args.subset]

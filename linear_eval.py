@@ -41,7 +41,7 @@ def load_run(path, dataset=None, data_dir=None, subset=0, device="auto"):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing, truncated, not a checkpoint
-        fail(f"cannot read checkpoint {path}: {(str(error) or repr(error)).splitlines()[0]}")
+        fail(f"cannot read checkpoint {path}: {(str(error).strip() or repr(error)).splitlines()[0]}")
     if not isinstance(checkpoint, dict) or checkpoint.get("script") not in SCRIPTS:
         fail(f"{path} is not a checkpoint of a training script here ({', '.join(SCRIPTS)})")
     script, saved = importlib.import_module(checkpoint["script"]), checkpoint["args"]

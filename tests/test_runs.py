@@ -96,8 +96,9 @@ def test_bad_files_and_folders_are_one_line_errors_that_lose_nothing(finished, t
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert "exists" in one_line_error(byol.main, [*TINY, "--out-dir", str(folder)])
     assert "cannot read checkpoint" in one_line_error(byol.main, ["--resume", str(tmp_path / "none.pt")])
-    (tmp_path / "cut.pt").write_bytes(before["checkpoint.pt"][:100_000])
-    assert "cannot read checkpoint" in one_line_error(byol.main, ["--resume", str(tmp_path / "cut.pt")])
+    for name, data in (("cut.pt", before["checkpoint.pt"][:100_000]), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        assert "cannot read checkpoint" in one_line_error(byol.main, ["--resume", str(tmp_path / name)])
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     assert "another program" in one_line_error(byol.main, ["--resume", str(tmp_path / "foreign.pt")])
     assert "written by byol" in one_line_error(simsiam.main, ["--resume", str(folder / "checkpoint.pt")])

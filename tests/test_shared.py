@@ -23,8 +23,9 @@ def definitions(source):
     """Top-level functions, classes and assignments of a source text, by name, as source text."""
     found = {}
     for node in ast.parse(source).body:
+        targets = getattr(node, "targets", [])  # an assignment, a, b = ... included
         names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
-            target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)]
+            name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)]
         found.update(dict.fromkeys(names, ast.get_source_segment(source, node)))
     return found
 
@@ -40,7 +41,7 @@ def test_the_training_loop_and_the_shared_plumbing_are_byols_verbatim(script):
 def test_collapse_demo_carries_the_shared_definitions_it_uses_unchanged():
     demo = (ROOT / "collapse_demo.py").read_text()
     shared, byol = definitions(demo[demo.index(BANNER):]), definitions(BYOL)
-    assert {"augment", "load_data", "knn_top1", "effective_rank", "setup"} <= shared.keys()
+    assert {"augment", "load_data", "knn_top1", "effective_rank", "setup", "RANK", "MEAN"} <= shared.keys()
     assert [name for name in shared if shared[name] != byol[name]] == []
     assert definitions(demo)["resnet18"] == byol["resnet18"]
 

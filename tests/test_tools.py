@@ -90,14 +90,17 @@ def test_spectrum_checks_directpreds_assumptions_on_the_linear_predictors(runs, 
 def test_a_bad_file_is_a_one_line_error(tool, out, runs, tmp_path):
     good = runs["byol"][0]
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100_000])
+    (tmp_path / "empty.pt").write_bytes(b"")
     torch.save({"epoch": 3, "state_dict": {}}, tmp_path / "foreign.pt")
     wrong = load(good)
     del wrong["model"]["backbone.layer4.1.bn2.weight"]
     torch.save(wrong, tmp_path / "wrong.pt")
-    for name, says in [("none.pt", "cannot read"), ("cut.pt", "cannot read"),
+    for name, says in [("none.pt", "cannot read"), ("cut.pt", "cannot read"), ("empty.pt", "cannot read"),
                        ("foreign.pt", "not a checkpoint"), ("wrong.pt", "do not fit")]:
         assert says in one_line_error(tool.main, [str(tmp_path / name), out, str(tmp_path / "out"),
                                                   "--device", "cpu"])
+    datasets = next(action.choices for action in byol.build_parser()._actions if action.dest == "dataset")
+    assert list(linear_eval.DATASETS) == datasets  # --dataset takes what the scripts take, and nothing else
     assert not (tmp_path / "out").exists()
 
 def test_the_readmes_lines_load_a_trained_backbone_into_torchvisions_resnet18_and_the_vit(runs):
