@@ -38,6 +38,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,9 +87,8 @@ REGIMES = {
     "symmetric-no-ema": dict(family="siamese", teacher="online", predictor="symmetric", reproduction=True),
     "symmetric-ema": dict(family="siamese", teacher="ema", predictor="symmetric", reproduction=True),
 }
-# The symmetric pair trains as the KTH reproduction did (its Table 1 code): SGD at a constant lr 0.03 for
-# batch 128, weight decay 4e-4 on weights, not biases, the SUM of the two negative cosines; projector and
-# predictor 512 -> affine-free BN -> ReLU -> 128. F-hat separates the pair after ~2,000 steps (evaluate()).
+# The symmetric pair trains as the KTH reproduction's Table 1 code: SGD at a constant lr 0.03 for batch 128,
+# weight decay 4e-4 on weights only, the SUM of both negative cosines; heads 512, affine-free BN, ReLU, 128.
 REPRODUCTION = dict(lr=0.06, weight_decay=4e-4, separates_after_steps=2000)  # lr per 256 images
 # SimSiam on CIFAR (Appendix D), both views alike. The blog's ViT pair compares tokens at the same grid
 # position, so both its views keep 80-100% of the image; the teacher's light view only crops and flips, the
@@ -304,8 +304,7 @@ def main(argv=None):
     return summary
 
 def train_regime(name, args, data, ctx):
-    """One regime for --steps steps, from the seed every regime starts from: a family's regimes share their
-    initial weights, batches and views. Every --log-every and --eval-every steps a row: the means since."""
+    """One regime for --steps steps from the common seed: its family shares weights, batches and views."""
     spec = REGIMES[name]
     torch.manual_seed(args.seed)
     model = build_model(spec, args).to(ctx.device, memory_format=torch.channels_last)
@@ -431,6 +430,7 @@ def setup(args):
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
+        sys.stdout = open(os.devnull, "w") if RANK else sys.stdout  # rank 0 alone prints
     torch.backends.cudnn.benchmark = True
     transform = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
     bfloat16 = (args.dtype or ("bfloat16" if cuda else "float32")) == "bfloat16"

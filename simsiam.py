@@ -16,8 +16,6 @@ Usage:
     python simsiam.py --no-stop-grad --epochs 5                     # Sec. 4.1, Fig. 2: collapses
     python simsiam.py --no-predictor --epochs 5                     # Table 1a: collapses
     python simsiam.py --fixed-predictor --epochs 5                  # Table 1b: narrows, high loss
-
-Result of the default command: not measured yet (no GPU run so far; CPU checks in docs/results.md).
 """
 import argparse
 import json
@@ -205,7 +203,7 @@ def main(argv=None):
     steps_per_epoch = len(data["train_x"]) // args.batch_size
     last_step = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     knn = "" if len(data["labelled_y"]) else ", no labels: no kNN monitor"
-    log(f"{SCRIPT}: {steps_per_epoch} steps per epoch on {WORLD_SIZE} x {ctx.device}{knn}, to {out_dir}")
+    print(f"{SCRIPT}: {steps_per_epoch} steps per epoch on {WORLD_SIZE} x {ctx.device}{knn}, to {out_dir}")
     sums, first_step, started = {}, step, time.time()
     while step < last_step:
         epoch = step // steps_per_epoch
@@ -236,13 +234,13 @@ def main(argv=None):
             model.train()
         shown = [f"{key} {value:.4g}" for key, value in row.items() if type(value) is float]
         eta = f"eta {(last_step - step) * args.batch_size / row['images_per_s'] / 60:.1f} min"
-        log(" | ".join([f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step}", *shown, eta]))
+        print(f"epoch {epoch + 1}/{args.epochs} step {step}/{last_step}", *shown, eta, sep=" | ", flush=True)
         if epoch_end:  # a row an epoch; an epoch resumed midway gets one, the means of its steps since then
             history = [old for old in history if old["epoch"] <= epoch] + [row]
             sums = {}
         if evaluated:  # every --eval-every epochs, and at the end
             save_run(out_dir, model, optimizer, args, data, step, history)
-    log(f"done: {step} steps; checkpoint, metrics.jsonl and plots in {out_dir}")
+    print(f"done: {step} steps; checkpoint, metrics.jsonl and plots in {out_dir}")
     if WORLD_SIZE > 1:
         dist.destroy_process_group()
     return history
@@ -257,10 +255,6 @@ RESUMABLE = {"resume", "epochs", "max_steps", "device", "compile", "dtype", "dat
 def fail(message):
     """Stop with a one-line error; under torchrun every rank stops, rank 0 alone says why."""
     raise SystemExit(f"{SCRIPT}.py: error: {message}" if RANK == 0 else 1)
-
-def log(line):
-    if RANK == 0:
-        print(line, flush=True)
 
 def bounded(cast, low, high=math.inf, below=False):
     """An argparse type: a finite `cast` in [low, high], or in [low, high) if below."""
@@ -328,6 +322,7 @@ def setup(args):
         if cuda:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
+        sys.stdout = open(os.devnull, "w") if RANK else sys.stdout  # rank 0 alone prints
     torch.backends.cudnn.benchmark = True
     transform = torch.compile(apply_view, dynamic=False) if args.compile else apply_view
     bfloat16 = (args.dtype or ("bfloat16" if cuda else "float32")) == "bfloat16"
