@@ -27,7 +27,6 @@ Regimes (--regimes, all by default):
 Usage:
     python collapse_demo.py                                     # all regimes, CIFAR-10 in ./data
     python collapse_demo.py --dataset folder --data-dir DIR     # DIR/{train,test}/<class>/*
-    python collapse_demo.py --regimes stop-grad,no-stop-grad    # a selection
     python collapse_demo.py --dataset synthetic --steps 20 --device cpu   # a quick check, no download
 
 Result of `--dataset folder` on the CIFAR-10 JPEG copy (2-core CPU, 11 minutes): docs/results.md. Every regime
@@ -72,8 +71,7 @@ RECIPE = dict(
     teacher_temp=0.04,      # other ViT regimes use the blog's temperature 1 on both sides
     center_momentum=0.9,
 )
-# Each regime: its family (model and views), where its targets come from ("teacher") and what else it changes:
-# ViT teachers "sgd" (trained), "frozen", "copy" (per epoch) or "ema"; SimSiam targets "online" or "ema".
+# Each regime: its family (model and views), where its targets come from ("teacher") and what else it changes.
 REGIMES = {
     "sgd-both": dict(family="vit", teacher="sgd"),
     "frozen-teacher": dict(family="vit", teacher="frozen"),
@@ -100,12 +98,11 @@ VIEWS = dict(vit=(STRONG_VIEW, {**STRONG_VIEW, "jitter": 0.0, "grayscale": 0.0})
 
 # ===== The regimes: models, losses, optimisers, one training step and the evaluation ==============
 def resnet18(img_size):
-    """ResNet-18 without classifier (512-d); below 96 px, the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
     net = torchvision.models.resnet18()
-    if img_size < LARGE_IMAGE_SIZE:
+    if img_size < LARGE_IMAGE_SIZE:  # the CIFAR stem: a 3x3 stride-1 conv, no max-pool
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
+    net.fc = nn.Identity()  # no classifier: 512-d features
     return net
 
 def mlp(in_dim, hidden_dim, out_dim, affine=True):
@@ -132,20 +129,22 @@ class TiedPredictor(nn.Module):
 
 class SimSiamRegime(nn.Module):
     """SimSiam: backbone -> projector gives z; the predictor maps one view's z onto the other's (Eqs. 1-2)."""
-    def __init__(self, img_size, proj_hidden, proj_dim, pred_hidden, predictor, stop_grad, ema, reproduction):
+    def __init__(self, spec, args):
         super().__init__()
-        self.backbone = resnet18(img_size)
-        self.projector = mlp(512, proj_hidden, proj_dim, affine=not reproduction)
+        predictor, reproduction = spec["predictor"], spec.get("reproduction", False)
+        self.backbone = resnet18(args.img_size)
+        self.projector = mlp(512, args.proj_hidden, args.proj_dim, affine=not reproduction)
         self.loss_weight = 1.0 if reproduction else 0.5  # the reproduction sums the two cosines
         if predictor == "identity":
             self.predictor = nn.Identity()
         elif predictor == "symmetric":
-            self.predictor = TiedPredictor(proj_dim, pred_hidden)
+            self.predictor = TiedPredictor(args.proj_dim, args.pred_hidden)
         else:
-            self.predictor = mlp(proj_dim, pred_hidden, proj_dim).requires_grad_(predictor == "mlp")
-        self.stop_grad = stop_grad
+            self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim)
+            self.predictor.requires_grad_(predictor == "mlp")  # "fixed" keeps its initialisation
+        self.stop_grad = spec.get("stop_grad", True)
         self.student = nn.Sequential(self.backbone, self.projector)  # online; an EMA teacher is BYOL's target
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False) if ema else None
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False) if spec["teacher"] == "ema" else None
 
     def forward(self, view1, view2):
         """The symmetrised loss (SimSiam Eq. 2) and the projections z of view 1, which the collapse metric
@@ -185,17 +184,17 @@ class ViT(nn.Module):
 class StudentTeacher(nn.Module):
     """A student ViT + head (the blog's: DINO's three linear layers, GELU) learns, on a strong view, the
     teacher's per-token softmax on a light view. The teacher starts as a copy; the regime moves it."""
-    def __init__(self, vit_kwargs, head_hidden, head_dim, teacher, center_sharpen, student_temp, teacher_temp,
-                 center_momentum):
+    def __init__(self, spec, args):
         super().__init__()
-        self.backbone = ViT(**vit_kwargs)
-        self.head = nn.Sequential(nn.Linear(vit_kwargs["dim"], head_hidden), nn.GELU(), nn.Linear(
-            head_hidden, head_hidden), nn.GELU(), nn.Linear(head_hidden, head_dim))
+        self.backbone = ViT(args.img_size, args.patch_size, args.dim, args.depth, args.heads, args.mlp_dim)
+        self.head = nn.Sequential(nn.Linear(args.dim, args.head_hidden), nn.GELU(), nn.Linear(
+            args.head_hidden, args.head_hidden), nn.GELU(), nn.Linear(args.head_hidden, args.head_dim))
         self.student = nn.Sequential(self.backbone, self.head)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(teacher == "sgd")
-        self.student_temp, self.teacher_temp = (student_temp, teacher_temp) if center_sharpen else (1.0, 1.0)
-        self.centering, self.center_momentum = center_sharpen, center_momentum
-        self.register_buffer("center", torch.zeros(head_dim))  # stays 0 without centring
+        self.teacher = copy.deepcopy(self.student).requires_grad_(spec["teacher"] == "sgd")
+        self.centering, self.center_momentum = spec.get("center_sharpen", False), args.center_momentum
+        temperatures = (args.student_temp, args.teacher_temp) if self.centering else (1.0, 1.0)
+        self.student_temp, self.teacher_temp = temperatures  # without sharpening, the blog's 1 on both sides
+        self.register_buffer("center", torch.zeros(args.head_dim))  # stays 0 without centring
 
     def forward(self, student_view, teacher_view):
         """The token cross-entropy (the blog's loss; DINO's Eqs. 1-2, token by token) H(P_t, P_s), with P_t =
@@ -213,16 +212,6 @@ class StudentTeacher(nn.Module):
         of every token, a row per token. Both collapses of DINO Sec. 5.3 bring these rows together."""
         distributions = F.softmax(self.head(tokens).float() / self.student_temp, dim=-1)
         return tokens.mean(dim=1), distributions.flatten(0, 1)
-
-def build_model(spec, args):
-    if spec["family"] == "vit":
-        vit_kwargs = dict(img_size=args.img_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                          heads=args.heads, mlp_dim=args.mlp_dim)
-        return StudentTeacher(vit_kwargs, args.head_hidden, args.head_dim, spec["teacher"],
-                              spec.get("center_sharpen", False), args.student_temp, args.teacher_temp,
-                              args.center_momentum)
-    return SimSiamRegime(args.img_size, args.proj_hidden, args.proj_dim, args.pred_hidden, spec["predictor"],
-                         spec.get("stop_grad", True), spec["teacher"] == "ema", spec.get("reproduction", 0))
 
 def make_optimizer(model, spec, args):
     """AdamW for the ViT regimes (DINO's), SGD with momentum for the ResNet-18 ones (SimSiam's; the
@@ -307,11 +296,12 @@ def train_regime(name, args, data, ctx):
     """One regime for --steps steps from the common seed: its family shares weights, batches and views."""
     spec = REGIMES[name]
     torch.manual_seed(args.seed)
-    model = build_model(spec, args).to(ctx.device, memory_format=torch.channels_last)
+    regime_class = StudentTeacher if spec["family"] == "vit" else SimSiamRegime
+    model = regime_class(spec, args).to(ctx.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, spec, args)
     if args.compile:
         model.compile()
-    steps_per_epoch, history, sums, started = len(data["train_x"]) // args.batch_size, [], {}, time.time()
+    steps_per_epoch, history, recent, started = len(data["train_x"]) // args.batch_size, [], [], time.time()
     for step in range(args.steps):
         if step % steps_per_epoch == 0:  # the epoch's order follows from (seed, epoch), for every regime
             generator = torch.Generator().manual_seed(args.seed + step // steps_per_epoch)
@@ -319,22 +309,20 @@ def train_regime(name, args, data, ctx):
         torch.manual_seed(args.seed * 1_000_003 + step)  # and so do the step's views
         for group in optimizer.param_groups if spec["family"] == "vit" else []:  # SimSiam's rate is constant
             group["lr"] = cosine(step, args.steps, optimizer.defaults["lr"], 0.0)
-        if spec["teacher"] == "ema":  # DINO Sec. 3.1 and BYOL Sec. 3.2: momentum 0.996 -> 1, cosine
-            ema_momentum = cosine(step, args.steps, args.ema_start, 1.0)
-        else:  # copy-each-epoch: the student replaces the teacher after the last step of an epoch
-            ema_momentum = 0.0 if spec["teacher"] == "copy" and (step + 1) % steps_per_epoch == 0 else None
+        ema_momentum = cosine(step, args.steps, args.ema_start, 1.0) if spec["teacher"] == "ema" else None
+        if spec["teacher"] == "copy" and (step + 1) % steps_per_epoch == 0:  # the student becomes the teacher
+            ema_momentum = 0.0
         batch = order[step % steps_per_epoch * args.batch_size:][:args.batch_size].to(ctx.device)
         metrics = train_step(model, optimizer, data["train_x"][batch], spec, ema_momentum, ctx)
-        sums = {key: sums.get(key, 0) + value for key, value in metrics.items()}
+        recent.append(metrics)
         evaluate_now = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
         if evaluate_now or (step + 1) % args.log_every == 0:
-            done = step + 1 - (history[-1]["step"] if history else 0)
-            means = {key: total.item() / done for key, total in sums.items()}
+            means = {key: torch.stack([each[key] for each in recent]).mean().item() for key in metrics}
             row = dict(regime=name, step=step + 1, **means, lr=optimizer.param_groups[0]["lr"],
                        seconds=time.time() - started)
             if not math.isfinite(row["loss"]):
                 fail(f"{name}: loss is {row['loss']} at step {step + 1} (the regimes before it are saved)")
-            sums = {}
+            recent = []
             if evaluate_now:
                 metrics, spectrum = evaluate(model.eval(), data, ctx)
                 model.train()
@@ -421,7 +409,6 @@ def bounded(cast, low, high=math.inf, below=False):
     return parse
 
 def setup(args):
-    """Decided once: the device (the rank's GPU, or the CPU with gloo), the precision, compilation."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not cuda:
         fail("--device cuda, but no CUDA GPU is visible")
@@ -449,7 +436,8 @@ def load_data(args, device):
                       if p.suffix.lower() in sets.folder.IMG_EXTENSIONS]
             if not images:
                 fail(f"no images under {args.data_dir} (for labels: {args.data_dir}/{{train,test}}/<class>/)")
-            folders = [argparse.Namespace(classes=[], imgs=images), argparse.Namespace(imgs=images[:2000])]
+            folders = [argparse.Namespace(classes=[], imgs=images),
+                       argparse.Namespace(imgs=images[::max(1, len(images) // 2000)][:2000])]
         elif args.dataset == "folder":
             folders = [sets.ImageFolder(Path(args.data_dir) / split) for split in ("train", "test")]
             if folders[0].classes != folders[1].classes:
@@ -562,15 +550,13 @@ def color_jitter(images, factors, hue, order):
 
 def gaussian_blur(images, sigma, kernel_size):
     """torchvision's gaussian_blur (reflect padding), each image its own sigma: a separable grouped conv2d."""
-    n, channels = images.shape[:2]
     taps = torch.arange(kernel_size, device=images.device) - kernel_size // 2
-    kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(channels, dim=0)
+    kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(3, dim=0)  # RGB
     x = F.pad(images, (kernel_size // 2,) * 4, mode="reflect").flatten(0, 1)[None]
-    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
-    return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=n * channels).view_as(images)
+    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=len(kernels))  # a kernel per image channel
+    return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=len(kernels)).view_as(images)
 
-def cosine(step, total_steps, start, end, warmup_steps=0):
-    """A linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
+def cosine(step, total_steps, start, end, warmup_steps=0):  # a linear warm-up to start, a half cosine to end
     if step < warmup_steps:
         return start * (step + 1) / warmup_steps
     progress = min(1, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -591,7 +577,6 @@ def effective_rank(z):
 
 @torch.no_grad()
 def embed(network, images, ctx):
-    """Features of un-augmented uint8 images, 1024 at a time."""
     features = []
     for chunk in images.split(1024):
         with ctx.autocast:

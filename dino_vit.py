@@ -44,17 +44,12 @@ from torchvision.transforms.v2 import functional as TF
 RECIPE = dict(
     epochs=100,                     # as the other scripts (DINO trains 100-800 ImageNet epochs)
     batch_size=512,                 # as byol.py and simsiam.py (official: 1024 over 16 GPUs)
-    # The loss is Eq. 3 averaged over the crop pairs, the official code's scale (AdamW's step does not grow
-    # with the loss's scale, but for the decoupled weight decay).
+    # The loss is Eq. 3 averaged over the crop pairs, the official code's scale, which clip_grad assumes.
     lr=5e-4,                        # Sec. 3.2 and official code: 0.0005 x batch/256
     weight_decay=0.04,              # official code: a cosine from 0.04 to 0.4
     weight_decay_end=0.4,
     warmup_epochs=10,               # Sec. 3.2: 10 linear warm-up epochs, then a cosine to 0
-    patch_size=4,                   # a CIFAR-sized ViT: patch 4, width 256, 6 blocks of 4 heads, MLP 1024
-    dim=256,
-    depth=6,
-    heads=4,
-    mlp_dim=1024,
+    patch_size=4, dim=256, depth=6, heads=4, mlp_dim=1024,  # a CIFAR-sized ViT (ViT-S: 16, 384, 12, 6, 1536)
     drop_path=0.1,                  # official code: stochastic depth 0.1 on the student
     head_hidden=2048,               # Sec. 3.1: head MLP 2048 -> 2048 -> 256, then K prototypes
     bottleneck_dim=256,
@@ -69,10 +64,9 @@ RECIPE = dict(
     clip_grad=3.0,                  # official code: each parameter's gradient norm clipped at 3
     freeze_last_layer_epochs=1,     # official code: the prototypes stay fixed in the first epoch
 )
-# Multi-crop (Sec. 3.1 and official code): 2 global crops of 40-100% of the image at full size, local crops of
-# 5-40% at half the size, all with BYOL's flip, colour jitter and grayscale. The global pair keeps DINO's
-# asymmetry (blur 1 and 0.1, solarization 0 and 0.2); local crops blur with probability 0.5. Sigma 0.1-2 px
-# of a 224-px image, scaled: nearly no blur at 32 px, as the CIFAR recipes of lightly and solo-learn have it.
+# Multi-crop (Sec. 3.1, official code): BYOL's flip, jitter and grayscale, DINO's asymmetric global pair,
+# local crops at half size. Blur sigma 0.1-2 px of a 224-px image, scaled: nearly none at 32 px (lightly's
+# and solo-learn's CIFAR recipes).
 VIEW = dict(crop_scale=(0.4, 1.0), flip=0.5, jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.2,
             hue=0.1, grayscale=0.2, solarize=0.0, blur=1.0, blur_sigma=(0.1, 2.0))
 VIEWS = (VIEW, {**VIEW, "blur": 0.1, "solarize": 0.2})
@@ -80,37 +74,32 @@ LOCAL_VIEW = {**VIEW, "crop_scale": (0.05, 0.4), "blur": 0.5}
 
 # ===== The method: model, loss, optimiser, schedules and one training step ========================
 class ViT(nn.Module):
-    """A pre-norm Vision Transformer (Dosovitskiy et al. 2021) whose output is the final [CLS] token. The
-    position embeddings are learned for img_size and resized for other crop sizes (the local crops);
-    drop_path, the stochastic-depth rate of the last block, rises linearly from 0 at the first."""
+    """A pre-norm Vision Transformer (Dosovitskiy et al. 2021): the final [CLS] token, or with attention_maps
+    the last block's [CLS] attention to each patch, (B, heads, H / patch, W / patch), DINO Fig. 1 and 3. The
+    stochastic-depth rate rises linearly from 0 at the first block to drop_path at the last."""
     def __init__(self, img_size=32, patch_size=4, dim=256, depth=6, heads=4, mlp_dim=1024, drop_path=0.0):
         super().__init__()
         self.heads = heads
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
             attn_norm=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), attn_out=nn.Linear(dim, dim),
             mlp_norm=nn.LayerNorm(dim), mlp=nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(
                 mlp_dim, dim)))) for _ in range(depth))
         self.drop_path_rates = torch.linspace(0, drop_path, depth).tolist()
         self.norm = nn.LayerNorm(dim)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        tokens = 1 + (img_size // patch_size) ** 2  # [CLS] and the patches of an img_size image
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, tokens, dim), std=0.02))
+        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
         self.apply(init_linear)
 
     def attention(self, block, x, cls_weights=False):
-        batch, tokens, dim = x.shape
-        qkv = block["qkv"](block["attn_norm"](x)).view(batch, tokens, 3, self.heads, -1)
+        qkv = block["qkv"](block["attn_norm"](x)).unflatten(-1, (3, self.heads, -1))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, tokens, dim / heads)
         if cls_weights:  # the [CLS] query's softmax over all tokens, on the patches: (batch, heads, patches)
             return torch.einsum("bhd,bhtd->bht", q[:, :, 0], k).mul(q.shape[-1] ** -0.5).softmax(-1)[..., 1:]
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim)
-        return block["attn_out"](out)
+        return block["attn_out"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
 
     def forward(self, images, attention_maps=False):
-        """The final [CLS] token, or with attention_maps the last block's [CLS] attention to every patch,
-        (B, heads, H / patch, W / patch): the maps of DINO Fig. 1 and 3."""
         patches = self.patch_embed(images)  # (B, dim, H / patch, W / patch)
         x = torch.cat([self.cls_token.expand(len(images), -1, -1), patches.flatten(2).transpose(1, 2)], dim=1)
         side = math.isqrt(self.pos_embed.shape[1] - 1)  # the learned grid, resized (bicubic) to the crop's
@@ -128,8 +117,7 @@ def init_linear(module):
     """ViT's and DINO's initialisation of linear layers: truncated normal (std 0.02), zero bias."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        nn.init.zeros_(module.bias)
 
 class DINOHead(nn.Module):
     """Three linear layers with GELU to a bottleneck (Sec. 3.1), l2-normalisation, then a weight-normalised
@@ -161,22 +149,18 @@ class DINO(nn.Module):
         self.centering, self.student_temp, self.center_momentum = centering, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(out_dim))  # stays 0 without centring
 
-    def forward(self, global_views, local_views, teacher_temp):
-        """The DINO loss, the teacher's entropy and KL to the centre (dino_loss), and the teacher's bottleneck
-        of the first global crop. global_views: both global crops of B images stacked, (2B, 3, H, W);
-        local_views (nB, 3, h, w) or None. Each crop size is one backbone pass (official code)."""
-        batch = len(global_views) // 2
-        features = self.backbone(global_views)
-        if local_views is not None:
-            features = torch.cat([features, self.backbone(local_views)])
+    def forward(self, views, teacher_temp):
+        """dino_loss's three values and the teacher's bottleneck of the first global crop. views: both global
+        crops of B images (2B, 3, H, W), then any local ones (nB, 3, h, w)."""
+        batch = len(views[0]) // 2
+        features = torch.cat([self.backbone(crops) for crops in views])  # a pass per crop size (official)
         student_logits = self.head(features)[0].unflatten(0, (-1, batch))
         with torch.no_grad():  # only the global crops pass through the teacher (Sec. 3.1)
-            teacher_logits, teacher_bottleneck = self.teacher_head(self.teacher_backbone(global_views))
-        teacher_logits = teacher_logits.unflatten(0, (2, batch))
-        loss, entropy, center_kl = dino_loss(student_logits, teacher_logits, self.center, teacher_temp,
-                                             self.student_temp)
+            teacher_logits, teacher_bottleneck = self.teacher_head(self.teacher_backbone(views[0]))
+        loss, entropy, center_kl = dino_loss(student_logits, teacher_logits.unflatten(0, (2, batch)),
+                                             self.center, teacher_temp, self.student_temp)
         if self.centering:  # Eq. 4: c <- m c + (1 - m) batch mean (under torchrun, of the global batch)
-            mean = teacher_logits.mean(dim=(0, 1)) / WORLD_SIZE  # summed over the ranks below
+            mean = teacher_logits.mean(dim=0) / WORLD_SIZE  # summed over the ranks below
             if WORLD_SIZE > 1:
                 dist.all_reduce(mean)
             self.center.lerp_(mean, 1 - self.center_momentum)
@@ -192,16 +176,14 @@ class DINO(nn.Module):
 def dino_loss(student_logits, teacher_logits, center, teacher_temp, student_temp):
     """DINO Eq. 3: the cross-entropy H(P_t, P_s) between the teacher's centred, sharpened softmax on each
     global crop and the student's softmax on every other crop, averaged over those pairs. student_logits
-    (V, B, K), the 2 global crops first; teacher_logits (2, B, K). Also the teacher's mean entropy h(P_t) and
-    KL(teacher || centre), the mean over the 2B teacher outputs of KL(P_t || mean of P_t)."""
+    (V, B, K), the 2 global crops first; teacher_logits (2, B, K). Also h(P_t) and KL(P_t || mean of P_t)."""
     teacher_log_probs = F.log_softmax((teacher_logits - center) / teacher_temp, dim=-1)
     teacher_probs = teacher_log_probs.exp()
     student_log_probs = F.log_softmax(student_logits / student_temp, dim=-1)
     # cross_entropy[t, v]: the batch mean of H(P_t, P_s) for teacher crop t and student crop v, in float32
     with torch.autocast(teacher_probs.device.type, enabled=False):  # autocast would contract in bf16
         cross_entropy = -torch.einsum("tbk,vbk->tv", teacher_probs, student_log_probs) / len(teacher_probs[0])
-    same_crop = cross_entropy.diagonal().sum()  # a global crop is not compared with itself
-    loss = (cross_entropy.sum() - same_crop) / (cross_entropy.numel() - len(teacher_probs))
+    loss = (cross_entropy.sum() - cross_entropy.trace()) / (cross_entropy.numel() - 2)  # no crop with itself
     entropy = -(teacher_probs * teacher_log_probs).sum(dim=-1).mean()
     # mean_i KL(P_i || P), P the mean of the P_i, is h(P) - mean_i h(P_i)
     return loss, entropy, torch.special.entr(teacher_probs.flatten(0, 1).mean(dim=0)).sum() - entropy
@@ -229,8 +211,7 @@ def make_optimizer(model, args):
                              fused=True)
 
 def schedules(step, steps_per_epoch, args):
-    """At `step` (Sec. 3.2, official code): lr (warm-up, cosine to 0), weight decay (cosine up), the teacher
-    temperature (warm-up; the student's without sharpening), EMA momentum (cosine to 1), frozen prototypes."""
+    """The lr, weight decay, teacher temperature, EMA momentum and prototype freeze at `step` (Sec. 3.2)."""
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     warmed = min(1, step / max(1, args.teacher_temp_warmup_epochs * steps_per_epoch))
     teacher_temp = args.teacher_temp_start + (args.teacher_temp - args.teacher_temp_start) * warmed
@@ -246,13 +227,13 @@ def train_step(model, forward, optimizer, images, hyper, args, ctx):
     for group in optimizer.param_groups:
         group["lr"] = hyper["lr"]
     optimizer.param_groups[0]["weight_decay"] = hyper["weight_decay"]
-    global_views = torch.cat([augment(images, view, ctx) for view in VIEWS])
-    local = (args.img_size // 2, args.local_crops)  # the local crops, at half the image size
-    local_views = augment(images, LOCAL_VIEW, ctx, *local) if args.local_crops else None
+    views = [torch.cat([augment(images, view, ctx) for view in VIEWS])]  # the 2 global crops
+    if args.local_crops:  # and the local ones, at half the image size
+        views.append(augment(images, LOCAL_VIEW, ctx, args.img_size // 2, args.local_crops))
     teacher_temp = torch.full((), hyper["teacher_temp"], device=images.device)  # a float would recompile
     torch.manual_seed(torch.initial_seed() + (RANK + 1) * 2**40)  # drop-path: each rank draws its own
     with ctx.autocast:
-        loss, entropy, center_kl, bottleneck = forward(global_views, local_views, teacher_temp)
+        loss, entropy, center_kl, bottleneck = forward(views, teacher_temp)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # Each parameter's gradient clipped to norm clip_grad on its own (official code), fused, no host sync.
@@ -269,16 +250,13 @@ def train_step(model, forward, optimizer, images, hyper, args, ctx):
 def evaluate(model, data, ctx):
     """The teacher's kNN monitor, and attention.png: its maps of 8 test images (Sec. 4.2.1, Fig. 1 and 3)."""
     images = data["test_x"][::max(1, len(data["test_x"]) // 8)][:8]  # spread: several classes
-    maps = embed(lambda x: model.teacher_backbone(x, attention_maps=True), images, ctx)
-    maps = F.interpolate(maps, size=images.shape[-2:], mode="nearest").cpu().numpy()  # a patch's pixels
+    maps = embed(lambda x: model.teacher_backbone(x, attention_maps=True), images, ctx).cpu().numpy()
     fig = Figure(figsize=(len(images), 1 + maps.shape[1]))
-    axes = fig.subplots(1 + maps.shape[1], len(images), squeeze=False)
+    axes = fig.subplots(1 + maps.shape[1], len(images), squeeze=False, subplot_kw=dict(xticks=[], yticks=[]))
     for column, image in enumerate(images.permute(0, 2, 3, 1).cpu().numpy()):
         axes[0, column].imshow(image)
         for head, ax in enumerate(axes[1:, column]):
-            ax.imshow(maps[column, head], cmap="inferno")
-    for ax in axes.flat:
-        ax.axis("off")
+            ax.imshow(maps[column, head], cmap="inferno", interpolation="nearest")
     fig.suptitle("the teacher's last-block [CLS] attention: each image, then a row per head")
     fig.savefig(ctx.out_dir / "attention.png", dpi=100)
     return monitor(*networks(model), data, ctx)
@@ -358,8 +336,7 @@ def main(argv=None):
             continue
         means = torch.stack(list(sums.values())).double() / (step - max(first_step, epoch * steps_per_epoch))
         if WORLD_SIZE > 1:  # the loop's only reduction
-            dist.all_reduce(means)
-            means /= WORLD_SIZE
+            dist.all_reduce(means.div_(WORLD_SIZE))
         row = dict(epoch=epoch + 1, step=step, **dict(zip(sums, means.tolist())), **hyper)  # one host sync
         if not math.isfinite(row["loss"]):
             fail(f"loss is {row['loss']} at step {step}; resume from the last good checkpoint.pt in "
@@ -429,7 +406,6 @@ def shared_parser():
     return parser
 
 def parse_args(argv=None):
-    """The run's settings and, with --resume, its checkpoint."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.img_size = args.img_size or (96 if args.dataset == "stl10" else 32)
@@ -450,7 +426,6 @@ def parse_args(argv=None):
     return argparse.Namespace(**{**resumed, "out_dir": str(Path(args.resume).parent)}), checkpoint
 
 def setup(args):
-    """Decided once: the device (the rank's GPU, or the CPU with gloo), the precision, compilation."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not cuda:
         fail("--device cuda, but no CUDA GPU is visible")
@@ -478,7 +453,8 @@ def load_data(args, device):
                       if p.suffix.lower() in sets.folder.IMG_EXTENSIONS]
             if not images:
                 fail(f"no images under {args.data_dir} (for labels: {args.data_dir}/{{train,test}}/<class>/)")
-            folders = [argparse.Namespace(classes=[], imgs=images), argparse.Namespace(imgs=images[:2000])]
+            folders = [argparse.Namespace(classes=[], imgs=images),
+                       argparse.Namespace(imgs=images[::max(1, len(images) // 2000)][:2000])]
         elif args.dataset == "folder":
             folders = [sets.ImageFolder(Path(args.data_dir) / split) for split in ("train", "test")]
             if folders[0].classes != folders[1].classes:
@@ -591,15 +567,13 @@ def color_jitter(images, factors, hue, order):
 
 def gaussian_blur(images, sigma, kernel_size):
     """torchvision's gaussian_blur (reflect padding), each image its own sigma: a separable grouped conv2d."""
-    n, channels = images.shape[:2]
     taps = torch.arange(kernel_size, device=images.device) - kernel_size // 2
-    kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(channels, dim=0)
+    kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(3, dim=0)  # RGB
     x = F.pad(images, (kernel_size // 2,) * 4, mode="reflect").flatten(0, 1)[None]
-    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
-    return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=n * channels).view_as(images)
+    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=len(kernels))  # a kernel per image channel
+    return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=len(kernels)).view_as(images)
 
-def cosine(step, total_steps, start, end, warmup_steps=0):
-    """A linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
+def cosine(step, total_steps, start, end, warmup_steps=0):  # a linear warm-up to start, a half cosine to end
     if step < warmup_steps:
         return start * (step + 1) / warmup_steps
     progress = min(1, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -620,7 +594,6 @@ def effective_rank(z):
 
 @torch.no_grad()
 def embed(network, images, ctx):
-    """Features of un-augmented uint8 images, 1024 at a time."""
     features = []
     for chunk in images.split(1024):
         with ctx.autocast:
@@ -656,9 +629,8 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     temporary file and renamed, so that a run killed while it writes keeps the last ones."""
     if not all(tensor.isfinite().all() for tensor in model.state_dict().values()):
         fail(f"the weights hold NaN or inf at step {step}; {out_dir}/checkpoint.pt is the last good one")
-    checkpoint = dict(script=SCRIPT, step=step, args=vars(args), data=data["info"], history=history,
-                      model=model.state_dict(), optimizer=optimizer.state_dict())
-    torch.save(checkpoint, out_dir / "checkpoint.tmp")
+    torch.save(dict(script=SCRIPT, step=step, args=vars(args), data=data["info"], history=history,
+                    model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / "checkpoint.tmp")
     os.replace(out_dir / "checkpoint.tmp", out_dir / "checkpoint.pt")
     (out_dir / "metrics.tmp").write_text("".join(json.dumps(row) + "\n" for row in history))
     os.replace(out_dir / "metrics.tmp", out_dir / "metrics.jsonl")

@@ -60,12 +60,11 @@ LARGE_VIEWS = ({**VIEW, "blur": 0.5}, {**VIEW, "blur": 0.5})
 
 # ===== The method: model, loss, optimiser, schedules and one training step ========================
 def resnet18(img_size):
-    """ResNet-18 without classifier (512-d); below 96 px, the CIFAR stem (3x3 stride-1 conv, no max-pool)."""
     net = torchvision.models.resnet18()
-    if img_size < LARGE_IMAGE_SIZE:
+    if img_size < LARGE_IMAGE_SIZE:  # the CIFAR stem: a 3x3 stride-1 conv, no max-pool
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-    net.fc = nn.Identity()
+    net.fc = nn.Identity()  # no classifier: 512-d features
     return net
 
 def mlp(in_dim, hidden_dim, out_dim, hidden_layers, out_bn):
@@ -221,8 +220,7 @@ def main(argv=None):
             continue
         means = torch.stack(list(sums.values())).double() / (step - max(first_step, epoch * steps_per_epoch))
         if WORLD_SIZE > 1:  # the loop's only reduction
-            dist.all_reduce(means)
-            means /= WORLD_SIZE
+            dist.all_reduce(means.div_(WORLD_SIZE))
         row = dict(epoch=epoch + 1, step=step, **dict(zip(sums, means.tolist())), **hyper)  # one host sync
         if not math.isfinite(row["loss"]):
             fail(f"loss is {row['loss']} at step {step}; resume from the last good checkpoint.pt in "
@@ -292,7 +290,6 @@ def shared_parser():
     return parser
 
 def parse_args(argv=None):
-    """The run's settings and, with --resume, its checkpoint."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.img_size = args.img_size or (96 if args.dataset == "stl10" else 32)
@@ -313,7 +310,6 @@ def parse_args(argv=None):
     return argparse.Namespace(**{**resumed, "out_dir": str(Path(args.resume).parent)}), checkpoint
 
 def setup(args):
-    """Decided once: the device (the rank's GPU, or the CPU with gloo), the precision, compilation."""
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if args.device == "cuda" and not cuda:
         fail("--device cuda, but no CUDA GPU is visible")
@@ -341,7 +337,8 @@ def load_data(args, device):
                       if p.suffix.lower() in sets.folder.IMG_EXTENSIONS]
             if not images:
                 fail(f"no images under {args.data_dir} (for labels: {args.data_dir}/{{train,test}}/<class>/)")
-            folders = [argparse.Namespace(classes=[], imgs=images), argparse.Namespace(imgs=images[:2000])]
+            folders = [argparse.Namespace(classes=[], imgs=images),
+                       argparse.Namespace(imgs=images[::max(1, len(images) // 2000)][:2000])]
         elif args.dataset == "folder":
             folders = [sets.ImageFolder(Path(args.data_dir) / split) for split in ("train", "test")]
             if folders[0].classes != folders[1].classes:
@@ -454,15 +451,13 @@ def color_jitter(images, factors, hue, order):
 
 def gaussian_blur(images, sigma, kernel_size):
     """torchvision's gaussian_blur (reflect padding), each image its own sigma: a separable grouped conv2d."""
-    n, channels = images.shape[:2]
     taps = torch.arange(kernel_size, device=images.device) - kernel_size // 2
-    kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(channels, dim=0)
+    kernels = torch.softmax(-0.5 * (taps / sigma[:, None]) ** 2, dim=1).repeat_interleave(3, dim=0)  # RGB
     x = F.pad(images, (kernel_size // 2,) * 4, mode="reflect").flatten(0, 1)[None]
-    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
-    return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=n * channels).view_as(images)
+    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=len(kernels))  # a kernel per image channel
+    return F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=len(kernels)).view_as(images)
 
-def cosine(step, total_steps, start, end, warmup_steps=0):
-    """A linear warm-up from 0 to `start`, then a half cosine from `start` to `end`."""
+def cosine(step, total_steps, start, end, warmup_steps=0):  # a linear warm-up to start, a half cosine to end
     if step < warmup_steps:
         return start * (step + 1) / warmup_steps
     progress = min(1, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -483,7 +478,6 @@ def effective_rank(z):
 
 @torch.no_grad()
 def embed(network, images, ctx):
-    """Features of un-augmented uint8 images, 1024 at a time."""
     features = []
     for chunk in images.split(1024):
         with ctx.autocast:
@@ -519,9 +513,8 @@ def save_run(out_dir, model, optimizer, args, data, step, history):
     temporary file and renamed, so that a run killed while it writes keeps the last ones."""
     if not all(tensor.isfinite().all() for tensor in model.state_dict().values()):
         fail(f"the weights hold NaN or inf at step {step}; {out_dir}/checkpoint.pt is the last good one")
-    checkpoint = dict(script=SCRIPT, step=step, args=vars(args), data=data["info"], history=history,
-                      model=model.state_dict(), optimizer=optimizer.state_dict())
-    torch.save(checkpoint, out_dir / "checkpoint.tmp")
+    torch.save(dict(script=SCRIPT, step=step, args=vars(args), data=data["info"], history=history,
+                    model=model.state_dict(), optimizer=optimizer.state_dict()), out_dir / "checkpoint.tmp")
     os.replace(out_dir / "checkpoint.tmp", out_dir / "checkpoint.pt")
     (out_dir / "metrics.tmp").write_text("".join(json.dumps(row) + "\n" for row in history))
     os.replace(out_dir / "metrics.tmp", out_dir / "metrics.jsonl")
