@@ -81,15 +81,16 @@ class ViT(nn.Module):
         super().__init__()
         self.heads = heads
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
         self.blocks = nn.ModuleList(nn.ModuleDict(dict(
             attn_norm=nn.LayerNorm(dim), qkv=nn.Linear(dim, 3 * dim), attn_out=nn.Linear(dim, dim),
             mlp_norm=nn.LayerNorm(dim), mlp=nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(
                 mlp_dim, dim)))) for _ in range(depth))
         self.drop_path_rates = torch.linspace(0, drop_path, depth).tolist()
         self.norm = nn.LayerNorm(dim)
-        tokens = 1 + (img_size // patch_size) ** 2  # [CLS] and the patches of an img_size image
-        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, tokens, dim), std=0.02))
-        self.cls_token = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, dim), std=0.02))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_linear)
 
     def attention(self, block, x, cls_weights=False):
@@ -448,13 +449,13 @@ def load_data(args, device):
     sets = torchvision.datasets
     try:
         if args.dataset == "folder" and not (Path(args.data_dir) / "train").is_dir():
-            # no train/test split: every image under DIR trains, unlabelled; 2000 stand in for a test split
+            # no split: every image under DIR trains, unlabelled; up to 2000 spread over them stand in as test
             images = [(p, -1) for p in sorted(Path(args.data_dir).rglob("*"))
                       if p.suffix.lower() in sets.folder.IMG_EXTENSIONS]
             if not images:
                 fail(f"no images under {args.data_dir} (for labels: {args.data_dir}/{{train,test}}/<class>/)")
             folders = [argparse.Namespace(classes=[], imgs=images),
-                       argparse.Namespace(imgs=images[::max(1, len(images) // 2000)][:2000])]
+                       argparse.Namespace(imgs=images[::math.ceil(len(images) / 2000)])]
         elif args.dataset == "folder":
             folders = [sets.ImageFolder(Path(args.data_dir) / split) for split in ("train", "test")]
             if folders[0].classes != folders[1].classes:

@@ -69,7 +69,7 @@ def resnet18(img_size):
 
 def direct_predictor(F_hat, eps):
     """Wang et al. 2021: W_p = F-hat / |F-hat| + eps I, no eigenvalue needed. The paper names no norm; the KTH
-    reproduction, whose rho and eps these are, takes the Frobenius: W_p's eigenvalues are s_j / |s| + eps."""
+    reproduction, whose rho and eps these are, takes the Frobenius norm (luckmatters' code: F-hat itself)."""
     return F_hat / F_hat.norm() + eps * torch.eye(len(F_hat), dtype=F_hat.dtype, device=F_hat.device)
 
 class BYOL(nn.Module):
@@ -339,13 +339,13 @@ def load_data(args, device):
     sets = torchvision.datasets
     try:
         if args.dataset == "folder" and not (Path(args.data_dir) / "train").is_dir():
-            # no train/test split: every image under DIR trains, unlabelled; 2000 stand in for a test split
+            # no split: every image under DIR trains, unlabelled; up to 2000 spread over them stand in as test
             images = [(p, -1) for p in sorted(Path(args.data_dir).rglob("*"))
                       if p.suffix.lower() in sets.folder.IMG_EXTENSIONS]
             if not images:
                 fail(f"no images under {args.data_dir} (for labels: {args.data_dir}/{{train,test}}/<class>/)")
             folders = [argparse.Namespace(classes=[], imgs=images),
-                       argparse.Namespace(imgs=images[::max(1, len(images) // 2000)][:2000])]
+                       argparse.Namespace(imgs=images[::math.ceil(len(images) / 2000)])]
         elif args.dataset == "folder":
             folders = [sets.ImageFolder(Path(args.data_dir) / split) for split in ("train", "test")]
             if folders[0].classes != folders[1].classes:
