@@ -55,6 +55,23 @@ def test_byol_loss_is_the_symmetrised_regression_and_the_target_the_ema_of_the_o
         torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
     assert not any(param.requires_grad for param in model.target.parameters())
 
+# --- The monitors and the schedule that every script shares -----------------------------------------
+def test_knn_votes_with_exp_similarity_over_temperature():
+    """One near neighbour of class 0 outweighs two farther ones of class 1 at t = 0.1, not at t = 1."""
+    bank, labels = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]]), torch.tensor([0, 1, 1])
+    query, truth = torch.tensor([[1.0, 0.0]]), torch.tensor([0])
+    assert byol.knn_top1(bank, labels, query, truth, k=3) == 1.0
+    assert byol.knn_top1(bank, labels, query, truth, k=3, temperature=1.0) == 0.0
+
+def test_effective_rank_is_the_exp_entropy_of_the_singular_values():
+    z = torch.tensor([[3.0, 0.0]] * 4 + [[0.0, 2.0]])  # singular values 2 and 1 once normalised
+    p = torch.tensor([2 / 3, 1 / 3])
+    assert byol.effective_rank(z) == pytest.approx(torch.exp(-(p * p.log()).sum()).item())
+
+def test_the_schedule_warms_up_linearly_then_follows_a_half_cosine():
+    values = [byol.cosine(step, 10, 1.0, 0.0, warmup_steps=2) for step in (0, 1, 2, 6, 10)]
+    assert values == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+
 # --- SimSiam ------------------------------------------------------------------------------------------
 def test_simsiam_stop_gradient_halves_the_gradient_of_a_predictorless_siamese_network():
     """Sec. 4.2: with the identity as predictor the stop-gradient loss has exactly half the gradient of

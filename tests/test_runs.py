@@ -106,6 +106,19 @@ def test_bad_files_and_folders_are_one_line_errors_that_lose_nothing(finished, t
     assert "cannot create" in one_line_error(byol.main, [*TINY, "--out-dir", str(tmp_path / "a file" / "x")])
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
 
+def test_an_unlabelled_folders_stand_in_test_split_spreads_over_all_its_images(tmp_path, monkeypatch):
+    for index in range(4001):
+        (tmp_path / f"{index:04d}.png").touch()
+
+    def decode(sample, size):  # an image whose pixels say which file it came from
+        return torch.full((3, size, size), int(sample[0].stem) % 251, dtype=torch.uint8)
+
+    monkeypatch.setattr(byol, "decode", decode)
+    args = byol.parse_args(["--dataset", "folder", "--data-dir", str(tmp_path), "--img-size", "8"])[0]
+    data = byol.load_data(args, torch.device("cpu"))
+    assert len(data["train_x"]) == 4001 and len(data["test_x"]) == 1334  # every third image: 0, 3, ..., 3999
+    assert data["test_x"][-1, 0, 0, 0] == 3999 % 251
+
 def test_a_folder_of_images_trains_and_its_mistakes_are_one_line_errors(tmp_path):
     root = jpeg_folder(tmp_path / "images")
     flags = ["--dataset", "folder", "--img-size", "16", "--batch-size", "8", "--device", "cpu",
@@ -181,9 +194,11 @@ def test_dinos_two_collapses_show_in_the_teachers_entropy(tmp_path):
     one prototype takes it (entropy near 0); with both it stays in between."""
     flags = ["--epochs", "4", "--warmup-epochs", "0", "--lr", "0.02", "--ema-start", "0.9",
              "--eval-every", "4"]
-    entropy = {}
+    entropy, kl = {}, {}
     for ablation in ("", "--no-sharpening", "--no-centering"):
         history = run(dino_vit, tmp_path / f"run{ablation}", *flags, *[ablation] * bool(ablation))
         entropy[ablation] = history[-1]["teacher_entropy"] / math.log(64)
+        kl[ablation] = history[-1]["kl_teacher_center"]  # image-prototype information: 0 in both collapses
         assert (tmp_path / f"run{ablation}" / "attention.png").stat().st_size > 10_000  # its maps, per head
     assert entropy["--no-sharpening"] > 0.9 and 0.1 < entropy[""] < 0.6 and entropy["--no-centering"] < 0.05
+    assert kl[""] > 0.2 and kl["--no-sharpening"] < 0.02 and kl["--no-centering"] < 0.02

@@ -50,6 +50,7 @@ def test_the_recipe_is_the_one_source_of_the_defaults(script):
     module = importlib.import_module(Path(script).stem)
     parser = module.build_parser()
     defaults = vars(parser.parse_args([]))
+    assert set(module.RECIPE) <= {action.dest for action in parser._actions}  # each entry is a flag's
     assert {name: defaults[name] for name in module.RECIPE} == module.RECIPE
     unset = {name for name, value in defaults.items() if value is None}
     assert unset <= {"out_dir", "resume", "img_size", "dtype"}  # each decided when the run starts
