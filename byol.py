@@ -97,7 +97,6 @@ def build_model(args):
     return BYOL(args.img_size, args.proj_hidden, args.proj_dim, args.pred_hidden)
 
 def networks(model):
-    """The backbone and projector that the kNN monitor, linear_eval.py and spectrum.py evaluate."""
     return model.backbone, model.projector
 
 def make_optimizer(model, args):
@@ -131,11 +130,12 @@ def evaluate(model, data, ctx):
 
 def build_parser():
     parser = shared_parser()
-    parser.add_argument("--momentum", type=bounded(float, 0, 1, below=True), help="SGD momentum")
-    parser.add_argument("--proj-hidden", type=bounded(int, 1), help="hidden width of the projector")
-    parser.add_argument("--proj-dim", type=bounded(int, 1), help="output width of projector and predictor")
-    parser.add_argument("--pred-hidden", type=bounded(int, 1), help="hidden width of the predictor")
-    parser.add_argument("--ema-start", type=bounded(float, 0, 1), help="target EMA momentum at step 0")
+    add = parser.add_argument
+    add("--momentum", type=bounded(float, 0, 1, below=True), help="SGD momentum")
+    add("--proj-hidden", type=bounded(int, 1), help="hidden width of the projector")
+    add("--proj-dim", type=bounded(int, 1), help="output width of projector and predictor")
+    add("--pred-hidden", type=bounded(int, 1), help="hidden width of the predictor")
+    add("--ema-start", type=bounded(float, 0, 1), help="target EMA momentum at step 0, cosine to 1")
     parser.set_defaults(**RECIPE)
     return parser
 
@@ -147,13 +147,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = build_model(args).to(ctx.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
-    step, history = 0, []
+    step, history = (checkpoint["step"], checkpoint["history"]) if checkpoint else (0, [])
     if checkpoint:  # the weights, the optimiser and the step: every random draw follows from (seed, step)
         if checkpoint["data"] != data["info"]:
             fail(f"--data-dir {args.data_dir} holds other images than the ones the run started on")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, history = checkpoint["step"], checkpoint["history"]
+        try:  # strictly: a checkpoint of an older version of the script does not fit
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            fail(f"the weights of {args.resume} do not fit {SCRIPT}.py: {' '.join(str(error).split())[:150]}")
     if args.compile:
         model.compile()
     # Under torchrun DDP averages the gradients over the ranks. Batch norm normalises each rank's share
@@ -346,7 +348,6 @@ def load_data(args, device):
     return {**{name: tensor.to(device) for name, tensor in data.items()}, "info": info}
 
 def decode(sample, size):
-    """An ImageFolder (path, label) -> uint8 (3, size, size): the shorter side resized, then a centre crop."""
     image = torchvision.datasets.folder.default_loader(sample[0])
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, size), size))
 
@@ -436,8 +437,7 @@ def collapse_metric(z):
     return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 def effective_rank(z):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the l2-normalised,
-    uncentred embedding (one point has rank 1), from the smaller Gram matrix, in float64."""
+    """Roy & Vetterli 2007: exp(entropy) of the normalised singular values of l2-normalised, uncentred z."""
     z = F.normalize(z.double(), dim=1)
     singular = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     p = singular / singular.sum()

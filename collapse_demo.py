@@ -324,9 +324,9 @@ def train_regime(name, args, data, ctx):
                 fail(f"{name}: loss is {row['loss']} at step {step + 1} (the regimes before it are saved)")
             recent = []
             if evaluate_now:
-                metrics, spectrum = evaluate(model.eval(), data, ctx)
+                measures, spectrum = evaluate(model.eval(), data, ctx)
                 model.train()
-                row.update(metrics)
+                row.update(measures)
                 print(f"{name:>18} step {step + 1}/{args.steps} | " + " | ".join(
                     f"{key} {value:.4g}" for key, value in row.items() if type(value) is float), flush=True)
             history.append(row)
@@ -478,7 +478,6 @@ def load_data(args, device):
     return {**{name: tensor.to(device) for name, tensor in data.items()}, "info": info}
 
 def decode(sample, size):
-    """An ImageFolder (path, label) -> uint8 (3, size, size): the shorter side resized, then a centre crop."""
     image = torchvision.datasets.folder.default_loader(sample[0])
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, size), size))
 
@@ -568,8 +567,7 @@ def collapse_metric(z):
     return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 def effective_rank(z):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the l2-normalised,
-    uncentred embedding (one point has rank 1), from the smaller Gram matrix, in float64."""
+    """Roy & Vetterli 2007: exp(entropy) of the normalised singular values of l2-normalised, uncentred z."""
     z = F.normalize(z.double(), dim=1)
     singular = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     p = singular / singular.sum()

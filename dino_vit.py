@@ -77,7 +77,7 @@ class ViT(nn.Module):
     """A pre-norm Vision Transformer (Dosovitskiy et al. 2021): the final [CLS] token, or with attention_maps
     the last block's [CLS] attention to each patch, (B, heads, H / patch, W / patch), DINO Fig. 1 and 3. The
     stochastic-depth rate rises linearly from 0 at the first block to drop_path at the last."""
-    def __init__(self, img_size=32, patch_size=4, dim=256, depth=6, heads=4, mlp_dim=1024, drop_path=0.0):
+    def __init__(self, img_size, patch_size, dim, depth, heads, mlp_dim, drop_path=0.0):
         super().__init__()
         self.heads = heads
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
@@ -297,13 +297,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = build_model(args).to(ctx.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
-    step, history = 0, []
+    step, history = (checkpoint["step"], checkpoint["history"]) if checkpoint else (0, [])
     if checkpoint:  # the weights, the optimiser and the step: every random draw follows from (seed, step)
         if checkpoint["data"] != data["info"]:
             fail(f"--data-dir {args.data_dir} holds other images than the ones the run started on")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, history = checkpoint["step"], checkpoint["history"]
+        try:  # strictly: a checkpoint of an older version of the script does not fit
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            fail(f"the weights of {args.resume} do not fit {SCRIPT}.py: {' '.join(str(error).split())[:150]}")
     if args.compile:
         model.compile()
     # Under torchrun DDP averages the gradients over the ranks. Batch norm normalises each rank's share
@@ -496,7 +498,6 @@ def load_data(args, device):
     return {**{name: tensor.to(device) for name, tensor in data.items()}, "info": info}
 
 def decode(sample, size):
-    """An ImageFolder (path, label) -> uint8 (3, size, size): the shorter side resized, then a centre crop."""
     image = torchvision.datasets.folder.default_loader(sample[0])
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, size), size))
 
@@ -586,8 +587,7 @@ def collapse_metric(z):
     return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 def effective_rank(z):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the l2-normalised,
-    uncentred embedding (one point has rank 1), from the smaller Gram matrix, in float64."""
+    """Roy & Vetterli 2007: exp(entropy) of the normalised singular values of l2-normalised, uncentred z."""
     z = F.normalize(z.double(), dim=1)
     singular = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     p = singular / singular.sum()

@@ -86,7 +86,7 @@ class BYOL(nn.Module):
         self.target = copy.deepcopy(nn.Sequential(self.backbone, self.projector)).requires_grad_(False)
 
     def forward(self, view1, view2):
-        """The symmetrised loss (BYOL Eq. 2 and its mirror) and the online projections of both views."""
+        """BYOL Eq. 2 and its mirror, and both views' projections; a pass per view, so BN sees one view."""
         z1, z2 = self.projector(self.backbone(view1)), self.projector(self.backbone(view2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():  # the target runs in train mode too: its batch norm uses batch statistics
@@ -119,7 +119,6 @@ def build_model(args):  # Tian et al.'s symmetric W_p (--symmetric) is directpre
     return BYOL(args.img_size, args.proj_hidden, args.proj_dim, args.predictor)
 
 def networks(model):
-    """The backbone and projector that the kNN monitor, linear_eval.py and spectrum.py evaluate."""
     return model.backbone, model.projector
 
 def make_optimizer(model, args):
@@ -131,7 +130,7 @@ def make_optimizer(model, args):
 def schedules(step, steps_per_epoch, args):
     """lr (constant after any warm-up), rho (0 at step 0: F-hat starts at the first batch), set_predictor."""
     warmup, lr = int(args.warmup_epochs * steps_per_epoch), args.lr * args.batch_size / 256
-    return dict(lr=lr * min(1, (step + 1) / warmup) if warmup else lr, rho=0.0 if step == 0 else args.rho,
+    return dict(lr=cosine(step, 1, lr, lr, warmup), rho=0.0 if step == 0 else args.rho,
                 set_predictor=args.predictor == "direct" and step % args.pred_freq == 0)
 
 def train_step(model, forward, optimizer, images, hyper, args, ctx):
@@ -153,7 +152,7 @@ def train_step(model, forward, optimizer, images, hyper, args, ctx):
 def predictor_statistics(F_hat, predictor):
     """Tian et al.'s alignment test: F-hat's eigenvalues s_j (descending); u_j^T W_p u_j / |W_p u_j| for its
     eigenvectors u_j (1: aligned) and its mean; W_p's eigenvalues (real parts), |W - W^T|_F / |W + W^T|_F."""
-    s, U = torch.linalg.eigh(F_hat.double())
+    s, U = torch.linalg.eigh(F_hat)
     s, U, W = s.flip(0), U.flip(1), predictor.double()
     alignment = (U * (W @ U)).sum(dim=0) / (W @ U).norm(dim=0).clamp(min=1e-12)
     predictor_eigenvalues = torch.linalg.eigvals(W).real.sort(descending=True).values
@@ -187,13 +186,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = build_model(args).to(ctx.device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, args)
-    step, history = 0, []
+    step, history = (checkpoint["step"], checkpoint["history"]) if checkpoint else (0, [])
     if checkpoint:  # the weights, the optimiser and the step: every random draw follows from (seed, step)
         if checkpoint["data"] != data["info"]:
             fail(f"--data-dir {args.data_dir} holds other images than the ones the run started on")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, history = checkpoint["step"], checkpoint["history"]
+        try:  # strictly: a checkpoint of an older version of the script does not fit
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            fail(f"the weights of {args.resume} do not fit {SCRIPT}.py: {' '.join(str(error).split())[:150]}")
     if args.compile:
         model.compile()
     # Under torchrun DDP averages the gradients over the ranks. Batch norm normalises each rank's share
@@ -386,7 +387,6 @@ def load_data(args, device):
     return {**{name: tensor.to(device) for name, tensor in data.items()}, "info": info}
 
 def decode(sample, size):
-    """An ImageFolder (path, label) -> uint8 (3, size, size): the shorter side resized, then a centre crop."""
     image = torchvision.datasets.folder.default_loader(sample[0])
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, size), size))
 
@@ -476,8 +476,7 @@ def collapse_metric(z):
     return F.normalize(z.float(), dim=1).std(dim=0, correction=0).mean() * math.sqrt(z.shape[1])
 
 def effective_rank(z):
-    """Roy & Vetterli (2007): exp of the entropy of the normalised singular values of the l2-normalised,
-    uncentred embedding (one point has rank 1), from the smaller Gram matrix, in float64."""
+    """Roy & Vetterli 2007: exp(entropy) of the normalised singular values of l2-normalised, uncentred z."""
     z = F.normalize(z.double(), dim=1)
     singular = torch.linalg.eigvalsh(z.T @ z if len(z) >= z.shape[1] else z @ z.T).clamp_min(0).sqrt()
     p = singular / singular.sum()

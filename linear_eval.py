@@ -119,7 +119,7 @@ def main(argv=None):
         if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
             print(f"epoch {epoch + 1}/{args.epochs} | " + " | ".join(
                 f"{key} {value:.4f}" for key, value in history[-1].items() if key != "epoch"), flush=True)
-    per_class = torch.zeros(len(classes), device=ctx.device).index_add_(0, test_y, hits[:, 0].float())
+    per_class = torch.bincount(test_y, hits[:, 0].float(), minlength=len(classes))
     per_class /= torch.bincount(test_y, minlength=len(classes)).clamp_min(1)
     knn = {k: script.knn_top1(train_x, train_y, test_x, test_y, k=k) for k in (20, 200)}
 

@@ -30,7 +30,6 @@ from matplotlib.figure import Figure
 
 from linear_eval import DATASETS, load_run
 
-@torch.no_grad()
 def report(script, z):
     """The covariance eigenvalues of the l2-normalised embedding (float64, largest first, clamped at 1e-12
     where round-off leaves them negative), its effective rank and its collapse metric."""
@@ -42,11 +41,12 @@ def report(script, z):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint.pt files of the training scripts")
-    parser.add_argument("--dataset", choices=DATASETS, help="another dataset (default: each checkpoint's)")
-    parser.add_argument("--data-dir", help="where the images are now (default: each checkpoint's --data-dir)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if any")
-    parser.add_argument("--out", help="path prefix of the outputs (default: beside the first checkpoint)")
+    add = parser.add_argument
+    add("checkpoints", nargs="+", help="checkpoint.pt files of the training scripts")
+    add("--dataset", choices=DATASETS, help="another dataset (default: each checkpoint's)")
+    add("--data-dir", help="where the images are now (default: each checkpoint's --data-dir)")
+    add("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if there is a GPU")
+    add("--out", help="path prefix of the outputs (default: beside the first checkpoint)")
     args = parser.parse_args(argv)
     runs = [load_run(path, args.dataset, args.data_dir, 0, args.device) for path in args.checkpoints]
     torch.backends.cudnn.allow_tf32 = False  # TF32 rounds like bf16

@@ -179,7 +179,8 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--scripts", default=",".join(SCRIPTS),
                         help="comma-separated, from: " + ", ".join(SCRIPTS))
-    parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: cuda if there is a GPU")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 512 on CUDA, 128 elsewhere")
     parser.add_argument("--img-size", type=int, default=32, help="image size")
     parser.add_argument("--steps", type=int, default=None,

@@ -102,6 +102,10 @@ def test_bad_files_and_folders_are_one_line_errors_that_lose_nothing(finished, t
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     assert "another program" in one_line_error(byol.main, ["--resume", str(tmp_path / "foreign.pt")])
     assert "written by byol" in one_line_error(simsiam.main, ["--resume", str(folder / "checkpoint.pt")])
+    older = load(folder / "checkpoint.pt")  # as byol.py wrote it before its target became one module
+    older["model"] = {name.replace("target.0.", "target_backbone."): w for name, w in older["model"].items()}
+    torch.save(older, tmp_path / "older.pt")
+    assert "do not fit byol.py" in one_line_error(byol.main, ["--resume", str(tmp_path / "older.pt")])
     (tmp_path / "a file").write_text("")
     assert "cannot create" in one_line_error(byol.main, [*TINY, "--out-dir", str(tmp_path / "a file" / "x")])
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
