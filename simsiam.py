@@ -181,13 +181,13 @@ def main(argv=None):
     optimizer = make_optimizer(model, args)
     step, history = (checkpoint["step"], checkpoint["history"]) if checkpoint else (0, [])
     if checkpoint:  # the weights, the optimiser and the step: every random draw follows from (seed, step)
-        if checkpoint["data"] != data["info"]:
-            fail(f"--data-dir {args.data_dir} holds other images than the ones the run started on")
         try:  # strictly: a checkpoint of an older version of the script does not fit
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
         except (RuntimeError, ValueError) as error:
             fail(f"the weights of {args.resume} do not fit {SCRIPT}.py: {' '.join(str(error).split())[:150]}")
+        if checkpoint["data"] != data["info"]:
+            fail(f"--data-dir {args.data_dir} holds other images than the ones the run started on")
     if args.compile:
         model.compile()
     # Under torchrun DDP averages the gradients over the ranks. Batch norm normalises each rank's share
@@ -307,7 +307,7 @@ def parse_args(argv=None):
     if given - RESUMABLE:  # a silent mistake: the run keeps its settings
         fail(f"--{', --'.join(sorted(given - RESUMABLE))} cannot change when a run resumes; --epochs, "
              f"--data-dir, --max-steps, --device, --compile and --dtype can".replace("_", "-"))
-    resumed = {**checkpoint["args"], "max_steps": 0, **{name: vars(args)[name] for name in given}}
+    resumed = {**vars(args), **checkpoint["args"], "max_steps": 0, **{key: vars(args)[key] for key in given}}
     return argparse.Namespace(**{**resumed, "out_dir": str(Path(args.resume).parent)}), checkpoint
 
 def setup(args):
