@@ -34,5 +34,6 @@ def test_a_nan_on_the_ranks_stops_both_with_one_message(tmp_path):
     done = torchrun(tmp_path, "byol.py", *TINY, *SMALL["byol"], "--epochs", "1", "--lr", "1e30",
                     "--out-dir", "ranks")
     assert done.returncode != 0 and done.stderr.count("byol.py: error: loss is nan") == 1
-    model = load(tmp_path / "ranks" / "checkpoint.pt")["model"]
-    assert torch.equal(model["projector.0.weight"], model["target.1.0.weight"])  # step 0's
+    checkpoint = load(tmp_path / "ranks" / "checkpoint.pt")
+    assert checkpoint["step"] == 0 and torch.equal(checkpoint["model"]["projector.0.weight"],
+                                                   checkpoint["model"]["target.1.0.weight"])  # step 0's
